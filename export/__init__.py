@@ -1,0 +1,1 @@
+"""vpr-edge export side: PyTorch models, official checkpoints, ONNX and engines."""

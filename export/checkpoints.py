@@ -1,0 +1,222 @@
+"""Official checkpoints, read offline and mapped strictly onto our modules.
+
+Formats (detected from the keys, whatever the file is called):
+
+=============  ==================================================  ===============================
+format         keys                                                container
+=============  ==================================================  ===============================
+salad          ``backbone.model.<DINOv2>``, ``aggregator.*``       raw state_dict (dino_salad.ckpt)
+selavpr        ``backbone.*`` with ``adapter1``, ``LocalAdapt.*``  ``{'model_state_dict'}``, module.
+cricavpr       ``backbone.*`` with ``adapter``, ``encoder.*``      ``{'model_state_dict'}``, module.
+dinov2         official DINOv2 ``*.pth`` (has ``mask_token``)      raw state_dict
+timm-dinov2    timm DINOv2 weights (``reg_token``, no mask)        state_dict or .safetensors
+=============  ==================================================  ===============================
+
+Files are read with ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .models.dinov2 import interpolate_pos_embed
+
+FORMATS = ("salad", "selavpr", "cricavpr", "dinov2", "timm-dinov2")
+DEFAULT_CACHE = Path(os.environ.get("VPR_EDGE_CACHE", Path.home() / ".cache" / "vpr-edge")) / "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used for the requested model; the message says why."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_checkpoint(url: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Download an official release once into ``cache_dir`` and record its sha256 beside it.
+
+    A cached file whose recorded hash no longer matches is downloaded again.
+    """
+    name = Path(urllib.parse.urlparse(url).path).name or "checkpoint"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target, digest_file = cache_dir / name, cache_dir / (name + ".sha256")
+    if target.exists() and digest_file.exists() and digest_file.read_text().split()[0] == sha256_file(target):
+        return target
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as resp:  # noqa: S310 (https/file only)
+            shutil.copyfileobj(resp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    digest_file.write_text(f"{digest}  {url}\n")
+    return target
+
+
+def resolve_checkpoint(spec: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """A local path, or an https:// / file:// URL fetched into the cache."""
+    scheme = urllib.parse.urlparse(spec).scheme
+    if scheme in ("https", "http", "file"):
+        return fetch_checkpoint(spec, cache_dir)
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return path
+
+
+def read_state_dict(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
+    """Tensors of a checkpoint file (container unwrapped, ``module.`` stripped) and the container name."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path)), "safetensors"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here means "not a safe tensor file"
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused: the pickle holds objects other than tensors, and loading it would "
+                f"run code (torch.load weights_only=True). Re-save its state_dict alone.") from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    container = "state_dict"
+    if isinstance(obj, dict):
+        for key in ("model_state_dict", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj, container = obj[key], key
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: no state_dict of tensors found (top-level type {type(obj).__name__})")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj, container
+
+
+def detect_format(sd: Dict[str, torch.Tensor]) -> str:
+    keys = set(sd)
+    if "aggregator.dust_bin" in keys and any(k.startswith("backbone.model.") for k in keys):
+        return "salad"
+    if any(".adapter1.D_fc1." in k for k in keys) and any(k.startswith("LocalAdapt.") for k in keys):
+        return "selavpr"
+    if any(".adapter.D_fc1." in k for k in keys) and any(k.startswith("encoder.layers.") for k in keys):
+        return "cricavpr"
+    if "cls_token" in keys and "blocks.0.attn.qkv.weight" in keys:
+        return "dinov2" if "mask_token" in keys else "timm-dinov2"
+    sample = ", ".join(sorted(keys)[:6])
+    raise CheckpointError(f"unrecognised checkpoint format ({len(keys)} keys, e.g. {sample}); "
+                          f"supported formats: {', '.join(FORMATS)}")
+
+
+def _dinov2_to_timm(sd: Dict[str, torch.Tensor], grid: Tuple[int, int], registers: bool,
+                    official: bool) -> Dict[str, torch.Tensor]:
+    """DINOv2 backbone keys (official or timm layout) -> our timm model at ``grid``."""
+    out = {}
+    for key, value in sd.items():
+        if key == "mask_token":
+            continue  # only used for masked-image training
+        key = key.replace("register_tokens", "reg_token").replace("mlp.w12.", "mlp.fc1.").replace("mlp.w3.", "mlp.fc2.")
+        out[key] = value
+    if "pos_embed" in out:
+        pos = out["pos_embed"]
+        if registers and official:
+            # timm's register models carry no class-token position: fold it into cls_token
+            out["cls_token"] = out["cls_token"] + pos[:, :1]
+            out["pos_embed"] = interpolate_pos_embed(pos[:, 1:], grid, registers=True, has_cls=False)
+        else:
+            out["pos_embed"] = interpolate_pos_embed(pos, grid, registers=registers, has_cls=not registers)
+    return out
+
+
+def _split(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def map_to_model(sd: Dict[str, torch.Tensor], fmt: str, cfg) -> Dict[str, torch.Tensor]:
+    """Checkpoint keys of format ``fmt`` -> our VPRModel keys (values converted where needed)."""
+    grid, reg = cfg.grid, cfg.registers
+    if fmt in ("dinov2", "timm-dinov2"):
+        backbone, head, rest = sd, {}, {}
+    elif fmt == "salad":
+        backbone, head = _split(sd, "backbone.model."), _split(sd, "aggregator.")
+        rest = {k: v for k, v in sd.items() if not k.startswith(("backbone.model.", "aggregator."))}
+    elif fmt in ("selavpr", "cricavpr"):
+        backbone = _split(sd, "backbone.")
+        head = {}
+        for k, v in sd.items():
+            if k == "aggregation.1.p":
+                head["gem.p"] = v
+            elif k.startswith("LocalAdapt."):
+                head["local." + k[len("LocalAdapt."):]] = v
+            elif k.startswith("encoder."):
+                head[k] = v
+        rest = {k: v for k, v in sd.items() if not k.startswith(("backbone.", "aggregation.1.p", "LocalAdapt.", "encoder."))}
+    else:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}")
+    mapped = {"backbone.vit." + k: v for k, v in _dinov2_to_timm(backbone, grid, reg, fmt != "timm-dinov2").items()}
+    mapped.update({"head." + k: v for k, v in head.items()})
+    mapped.update({"unmapped." + k: v for k, v in rest.items()})  # reported as unexpected
+    return mapped
+
+
+def _listing(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_into(model: nn.Module, mapped: Dict[str, torch.Tensor], fmt: str, source: str) -> None:
+    """Strict load: every parameter and buffer filled, nothing left over, shapes equal."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in mapped]
+    unexpected = [k for k in mapped if k not in target]
+    fixed, bad_shape = {}, []
+    for k, v in mapped.items():
+        if k not in target:
+            continue
+        want = target[k].shape
+        if v.shape != want and v.dim() == 4 and v.shape[2:] == (1, 1) and tuple(v.shape[:2]) == tuple(want):
+            v = v.reshape(want)  # 1x1 convolution stored in the checkpoint, Linear here
+        if v.shape != want:
+            bad_shape.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(want)}")
+        fixed[k] = v.to(target[k].dtype)
+    if missing or unexpected or bad_shape:
+        parts = [f"{source}: checkpoint (format detected: {fmt}) does not match the model"]
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
+        if bad_shape:
+            parts.append(f"{len(bad_shape)} shape mismatches: {_listing(bad_shape, 6)}")
+        raise CheckpointError("; ".join(parts))
+    model.load_state_dict(fixed, strict=True)
+
+
+def load_checkpoint(model: nn.Module, cfg, spec: str, cache_dir: Path = DEFAULT_CACHE) -> dict:
+    """Resolve, read, detect, check against ``cfg`` and load. Returns facts for the manifest."""
+    path = resolve_checkpoint(spec, cache_dir)
+    sd, container = read_state_dict(path)
+    fmt = detect_format(sd)
+    if fmt not in cfg.checkpoint_formats:
+        raise CheckpointError(f"{path}: this is a {fmt!r} checkpoint, but model {cfg.name} loads "
+                              f"{' or '.join(repr(f) for f in cfg.checkpoint_formats)} checkpoints")
+    load_into(model, map_to_model(sd, fmt, cfg), fmt, str(path))
+    return {"path": str(path), "source": spec, "format": fmt, "container": container,
+            "sha256": sha256_file(path), "num_tensors": len(sd)}

@@ -1,0 +1,101 @@
+"""SALAD: optimal-transport aggregation of DINOv2 tokens (Izquierdo & Civera, CVPR 2024).
+
+Written from the method's equations (shared/research/salad-dinov2.md §1.3), not from the GPL
+reference code, so that its ONNX graph builds in TensorRT with a dynamic batch:
+
+* no axis-less ``Squeeze`` (potentials keep their reduced axis: ``keepdim=True``);
+* no ``ReduceLogSumExp``: TensorRT lowers it without the max shift and overflows
+  (NVIDIA/TensorRT#4772), so the log-sum-exp is max-shifted here;
+* no in-place slice writes (``ScatterND``) and no ``repeat`` (``Tile``): the dustbin row is
+  concatenated and the aggregation is one batched matmul;
+* the Sinkhorn marginals are constants derived from the patch count of the fixed image size.
+
+Descriptor: ``L2(concat[L2(token) (256), L2-per-cluster(V) flattened channel-major (128 x 64)])``
+= 8448-D for the official configuration.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    shift = x.amax(dim=dim, keepdim=True).detach()
+    return shift + (x - shift).exp().sum(dim=dim, keepdim=True).log()
+
+
+class Sinkhorn(nn.Module):
+    """Log-domain Sinkhorn with a dustbin row, reg = 1, as in SALAD.
+
+    Marginals: each of the ``m`` clusters receives 1/(n+m), the dustbin (n-m)/(n+m), and each of
+    the ``n`` patches sends 1/(n+m). The returned log-plan is scaled by (n+m), so every patch
+    column sums to one.
+    """
+
+    def __init__(self, num_clusters: int, num_patches: int, iterations: int = 3) -> None:
+        super().__init__()
+        m, n = num_clusters, num_patches
+        if n <= m:
+            raise ValueError(f"SALAD needs more patches ({n}) than clusters ({m}): use a larger image")
+        self.iterations = iterations
+        norm = -torch.tensor(float(n + m)).log()
+        log_a = norm.expand(m + 1).clone()
+        log_a[-1] = log_a[-1] + math.log(n - m)
+        self.register_buffer("log_a", log_a.reshape(1, m + 1, 1), persistent=False)
+        self.register_buffer("log_b", norm.expand(n).clone().reshape(1, 1, n), persistent=False)
+        self.register_buffer("norm", norm.reshape(1, 1, 1), persistent=False)
+
+    def forward(self, scores: torch.Tensor, dust_bin: torch.Tensor) -> torch.Tensor:
+        """scores (B, m, n) -> log transport plan (B, m + 1, n); float32 throughout."""
+        scores = scores.float()
+        dust = dust_bin.float().reshape(1, 1, 1).expand(scores.shape[0], 1, scores.shape[2])
+        s = torch.cat([scores, dust], dim=1)
+        u = self.log_a - _logsumexp(s, dim=2)  # first step from v = 0
+        v = self.log_b - _logsumexp(s + u, dim=1)
+        for _ in range(self.iterations - 1):
+            u = self.log_a - _logsumexp(s + v, dim=2)
+            v = self.log_b - _logsumexp(s + u, dim=1)
+        return s + u + v - self.norm
+
+
+class SALAD(nn.Module):
+    """The SALAD head. Parameter names and shapes follow the official checkpoint, except that the
+    1x1 convolutions are stored as Linear weights (the loader reshapes them)."""
+
+    def __init__(self, num_channels: int = 768, num_clusters: int = 64, cluster_dim: int = 128,
+                 token_dim: int = 256, num_patches: int = 529, hidden: int = 512,
+                 dropout: float = 0.3, sinkhorn_iterations: int = 3) -> None:
+        super().__init__()
+        self.num_clusters, self.cluster_dim, self.token_dim = num_clusters, cluster_dim, token_dim
+        self.token_features = nn.Sequential(
+            nn.Linear(num_channels, hidden), nn.ReLU(), nn.Linear(hidden, token_dim))
+        self.cluster_features = nn.Sequential(
+            nn.Linear(num_channels, hidden), nn.Dropout(dropout), nn.ReLU(), nn.Linear(hidden, cluster_dim))
+        self.score = nn.Sequential(
+            nn.Linear(num_channels, hidden), nn.Dropout(dropout), nn.ReLU(), nn.Linear(hidden, num_clusters))
+        self.dust_bin = nn.Parameter(torch.tensor(1.0))
+        self.sinkhorn = Sinkhorn(num_clusters, num_patches, sinkhorn_iterations)
+
+    @property
+    def dim(self) -> int:
+        return self.token_dim + self.num_clusters * self.cluster_dim
+
+    def scores(self, patches: torch.Tensor) -> torch.Tensor:
+        """Cluster scores (B, m, n) of the patch tokens."""
+        return self.score(patches).transpose(1, 2)
+
+    def aggregate(self, cls: torch.Tensor, patches: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
+        """Descriptor from the tokens and a Sinkhorn log-plan (B, m + 1, n)."""
+        features = self.cluster_features(patches)  # (B, n, l)
+        plan = log_plan[:, : self.num_clusters, :].exp()  # (B, m, n), dustbin dropped
+        clusters = torch.bmm(features.transpose(1, 2), plan.transpose(1, 2))  # (B, l, m)
+        clusters = F.normalize(clusters, dim=1).flatten(1)  # channel-major: index l * m + k
+        token = F.normalize(self.token_features(cls), dim=-1)
+        return F.normalize(torch.cat([token, clusters], dim=-1), dim=-1)
+
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict:
+        log_plan = self.sinkhorn(self.scores(patches), self.dust_bin)
+        return {"descriptor": self.aggregate(cls, patches, log_plan)}

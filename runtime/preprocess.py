@@ -1,0 +1,123 @@
+"""Image preprocessing, bit-compatible with the official VPR code, in numpy + Pillow.
+
+Two resize modes cover the models we ship (see tests/fixtures/reference/README.md):
+
+* ``pil_bilinear`` (SALAD ``eval.py:input_transform``): ``PIL.Image.resize((W, H), BILINEAR)``,
+  which Pillow antialiases, then /255 and ImageNet normalisation.
+* ``tensor_bilinear`` (SelaVPR / CricaVPR ``datasets_ws.base_transform`` with torchvision 0.15):
+  /255, normalisation, *then* a bilinear resize of the float tensor with ``align_corners=False``
+  and no antialias. torchvision >= 0.17 switched tensor resizes to antialias=True; the official
+  models were trained and evaluated without it.
+
+The export side feeds the PyTorch models through this module too, so deployment and reference
+see exactly the same tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_MODES = ("pil_bilinear", "tensor_bilinear")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a model expects as input; stored verbatim in every bundle manifest."""
+
+    size: Tuple[int, int]  # (height, width)
+    resize: str = "pil_bilinear"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize!r}; expected one of {RESIZE_MODES}")
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(size=tuple(int(v) for v in d["size"]), resize=d["resize"],
+                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
+
+
+def load_rgb(path: Union[str, Path]) -> Image.Image:
+    """Decode an image file as RGB, applying its EXIF orientation."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+
+
+def _normalise(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    # Same float32 operations, in the same order, as torchvision's ToTensor + Normalize.
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    return (chw - m) / s
+
+
+def _to_chw_float(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+
+
+def _bilinear_weights(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of PyTorch's CPU bilinear resize (align_corners=False, no
+    antialias): a float32 scale, the source coordinate ``scale * (dst + 0.5) - 0.5`` evaluated in
+    double and rounded to float32, clamped at 0. Matching these roundings keeps us within 5e-7
+    of PyTorch instead of 1.5e-5."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float64)
+    src = np.maximum((np.float64(scale) * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+    w1 = np.clip(src - i0.astype(np.float32), 0.0, 1.0).astype(np.float32)
+    w0 = (np.float32(1.0) - w1).astype(np.float32)
+    return i0, i1, w0, w1
+
+
+def resize_bilinear_chw(chw: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float32 CHW array, equal to ``F.interpolate(mode='bilinear')``."""
+    h_out, w_out = size
+    _, h_in, w_in = chw.shape
+    if (h_in, w_in) == (h_out, w_out):
+        return chw.copy()
+    y0, y1, wy0, wy1 = _bilinear_weights(h_in, h_out)
+    x0, x1, wx0, wx1 = _bilinear_weights(w_in, w_out)
+    rows0, rows1 = chw[:, y0, :], chw[:, y1, :]
+    # interpolate along width first, then height, as PyTorch's CPU kernel does
+    top = rows0[:, :, x0] * wx0 + rows0[:, :, x1] * wx1
+    bot = rows1[:, :, x0] * wx0 + rows1[:, :, x1] * wx1
+    out = top * wy0[None, :, None] + bot * wy1[None, :, None]
+    return out.astype(np.float32, copy=False)
+
+
+def preprocess_image(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> normalised float32 CHW array of ``pre.size``."""
+    h, w = pre.size
+    if pre.resize == "pil_bilinear":
+        if img.size != (w, h):
+            img = img.resize((w, h), Image.BILINEAR)
+        return _normalise(_to_chw_float(img), pre.mean, pre.std)
+    chw = _normalise(_to_chw_float(img), pre.mean, pre.std)
+    return resize_bilinear_chw(chw, (h, w))
+
+
+def preprocess_file(path: Union[str, Path], pre: Preprocessing) -> np.ndarray:
+    """Decode and preprocess one image file (CHW float32)."""
+    return preprocess_image(load_rgb(path), pre)
+
+
+def list_images(folder: Union[str, Path]) -> list:
+    """Image files of a folder, sorted by name (the order every tool here uses)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

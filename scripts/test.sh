@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test suite: everything in .venv (Python 3.11, torch), then the runtime's tests again on
+# Python 3.10 (JetPack 6's) in an environment without torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+.venv/bin/python -m pytest "$@"
+
+py310="${PYTHON310:-}"
+if [ -z "$py310" ]; then
+  for c in python3.10 "$HOME/.pyenv/versions/3.10.13/bin/python"; do
+    if command -v "$c" >/dev/null 2>&1; then py310="$c"; break; fi
+  done
+fi
+if [ -z "$py310" ]; then
+  echo "Python 3.10 not found: skipping the torch-free runtime run (set PYTHON310 to enable it)" >&2
+  exit 0
+fi
+if [ ! -x .venv-runtime310/bin/python ]; then
+  "$py310" -m venv .venv-runtime310
+  .venv-runtime310/bin/pip install -q -e . pytest hypothesis
+fi
+if .venv-runtime310/bin/python -c "import torch" 2>/dev/null; then
+  echo "error: .venv-runtime310 has torch installed; the runtime must work without it" >&2
+  exit 1
+fi
+.venv-runtime310/bin/python -m pytest -q tests/test_runtime_no_torch.py tests/test_preprocess.py tests/test_rerank.py
