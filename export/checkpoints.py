@@ -16,10 +16,8 @@ Files are read with ``torch.load(weights_only=True)``: a pickle that would run c
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import tempfile
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -27,6 +25,8 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
+
+from runtime.files import atomic_write, sha256_file
 
 from .models.dinov2 import interpolate_pos_embed
 
@@ -36,14 +36,6 @@ DEFAULT_CACHE = Path(os.environ.get("VPR_EDGE_CACHE", Path.home() / ".cache" / "
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for the requested model; the message says why."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_checkpoint(url: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
@@ -56,18 +48,9 @@ def fetch_checkpoint(url: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     target, digest_file = cache_dir / name, cache_dir / (name + ".sha256")
     if target.exists() and digest_file.exists() and digest_file.read_text().split()[0] == sha256_file(target):
         return target
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as resp:  # noqa: S310 (https/file only)
-            shutil.copyfileobj(resp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        digest = sha256_file(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with urllib.request.urlopen(url) as resp:  # noqa: S310 (https or file URLs only)
+        atomic_write(target, lambda f: shutil.copyfileobj(resp, f))
+    digest = sha256_file(target)
     digest_file.write_text(f"{digest}  {url}\n")
     return target
 

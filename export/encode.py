@@ -11,9 +11,7 @@ in that order, as the official test loop does, so the batch size changes its des
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from runtime.files import atomic_write
 from runtime.preprocess import list_images, preprocess_file
 
 from .registry import get_config, list_models
@@ -47,33 +46,17 @@ def encode_files(model: torch.nn.Module, cfg, files: List[Path], batch_size: int
     return {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 
-def _atomic_save(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_descriptors(output: Path, names: Iterable[str], outputs: dict) -> List[Path]:
     """``X.npy`` + ``X.txt`` (names); local features, if any, to ``X.local.npy``."""
     output = Path(output)
     if output.suffix != ".npy":
         output = output.with_suffix(".npy")
     written = [output, output.with_suffix(".txt")]
-    _atomic_save(output, lambda f: np.save(f, outputs["descriptor"]))
-    _atomic_save(written[1], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
+    atomic_write(output, lambda f: np.save(f, outputs["descriptor"]))
+    atomic_write(written[1], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
     if "local_features" in outputs:
         local = output.with_suffix(".local.npy")
-        _atomic_save(local, lambda f: np.save(f, outputs["local_features"]))
+        atomic_write(local, lambda f: np.save(f, outputs["local_features"]))
         written.append(local)
     return written
 

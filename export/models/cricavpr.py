@@ -81,6 +81,7 @@ class CrossImageAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = 1.0 / math.sqrt(dim // heads)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
@@ -99,7 +100,7 @@ class CrossImageAttention(nn.Module):
             return t.reshape(-1, r, self.heads, hd).permute(1, 2, 0, 3)
 
         q, k, v = split(q), split(k), split(v)
-        attn = torch.softmax(torch.matmul(q * (1.0 / math.sqrt(hd)), k.transpose(-2, -1)), dim=-1)
+        attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)), dim=-1)
         out = torch.matmul(attn, v).permute(2, 0, 1, 3).reshape(-1, r, d)
         return self.out_proj(out)
 

@@ -25,7 +25,7 @@ class GeM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, C)."""
-        return tokens.clamp(min=self.eps).pow(self.p).mean(dim=1).pow(self.p.reciprocal())
+        return tokens.clamp(min=self.eps).pow(self.p).mean(dim=1).pow(1.0 / self.p)
 
 
 class GeMHead(nn.Module):

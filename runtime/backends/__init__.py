@@ -1,0 +1,30 @@
+"""Inference backends behind one small interface: ``run(images NCHW float32) -> {output: array}``."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..bundle import Bundle
+
+
+class Backend:
+    """What every backend offers. ``max_batch`` is the largest batch one call accepts."""
+
+    name = "base"
+    max_batch: int = 1
+
+    def run(self, images: np.ndarray) -> Dict[str, np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def open_backend(bundle: Bundle, threads: Optional[int] = None, device: str = "cpu") -> Backend:
+    """The backend a bundle was built for."""
+    if bundle.backend == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+        return TensorRTBackend(bundle)
+    from .ort_backend import OnnxRuntimeBackend
+    return OnnxRuntimeBackend(bundle, threads=threads, device=device)

@@ -1,0 +1,146 @@
+"""Engine bundles: ``manifest.json`` + ``model.onnx`` (+ ``engine.plan``), the contract between
+``export/build_engine.py`` and this runtime (engines/README.md).
+
+Loading verifies before anything is deserialised: schema, files present, sizes and sha256 of
+every file, and for TensorRT engines the TensorRT version and GPU they were built for. Each
+refusal says what to rebuild.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from .files import sha256_file
+from .preprocess import Preprocessing
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+REQUIRED = ("format_version", "model", "preprocessing", "precision", "backend", "inputs", "outputs",
+            "batch", "files", "weights", "build")
+
+
+class BundleError(ValueError):
+    """A bundle that must not be loaded; the message names the file, the problem and the fix."""
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.manifest["preprocessing"])
+
+    @property
+    def batch(self) -> Dict[str, int]:
+        return self.manifest["batch"]
+
+    @property
+    def batch_mode(self) -> str:
+        return self.manifest["model"].get("batch_mode", "independent")
+
+    @property
+    def outputs(self) -> Dict[str, dict]:
+        return self.manifest["outputs"]
+
+    @property
+    def input_name(self) -> str:
+        return next(iter(self.manifest["inputs"]))
+
+    def file(self, role: str) -> Path:
+        return self.path / self.manifest["files"][role]["name"]
+
+    @property
+    def rebuild_hint(self) -> str:
+        return f"rebuild it: python export/build_engine.py --from-bundle {self.path} --backend {self.backend}"
+
+
+def read_manifest(folder: Union[str, Path]) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {folder} is not a bundle (build one with python export/build_engine.py)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: malformed JSON ({exc}); rebuild the bundle") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: malformed manifest (top level is {type(manifest).__name__}, not an object)")
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: malformed manifest, missing {', '.join(missing)}; rebuild the bundle")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{path}: bundle format {manifest['format_version']!r}, this runtime reads "
+                          f"{FORMAT_VERSION}; rebuild the bundle with this version of vpr-edge")
+    if manifest["backend"] not in BACKENDS or manifest["precision"] not in PRECISIONS:
+        raise BundleError(f"{path}: unknown backend/precision {manifest['backend']!r}/{manifest['precision']!r}")
+    try:
+        Preprocessing.from_dict(manifest["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path}: malformed preprocessing entry ({exc}); rebuild the bundle") from exc
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every listed file exists with its recorded size and sha256 (size first: a truncated
+    engine is caught without hashing or deserialising it)."""
+    for role, entry in manifest["files"].items():
+        f = folder / entry["name"]
+        if not f.is_file():
+            raise BundleError(f"{f}: missing ({role}); rebuild the bundle")
+        size = f.stat().st_size
+        if size != entry["size"]:
+            raise BundleError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated or replaced); "
+                              "rebuild the bundle")
+        if sha256_file(f) != entry["sha256"]:
+            raise BundleError(f"{f}: sha256 differs from the manifest (corrupted or replaced); rebuild the bundle")
+
+
+def load_bundle(folder: Union[str, Path], verify: bool = True) -> Bundle:
+    """Read and verify a bundle; for TensorRT also check the installed TensorRT and GPU."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    bundle = Bundle(folder, manifest)
+    if verify:
+        verify_files(folder, manifest)
+    if manifest["backend"] == "tensorrt":
+        from .trt_env import check_engine_compatible
+        check_engine_compatible(manifest.get("tensorrt", {}), bundle.rebuild_hint, folder)
+    return bundle
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    from .files import atomic_write
+
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    atomic_write(Path(folder) / MANIFEST, lambda f: f.write(text.encode()))
+
+
+def file_entry(path: Path) -> dict:
+    return {"name": path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def describe(bundle: Bundle) -> List[str]:
+    """Human summary lines of a bundle."""
+    m = bundle.manifest
+    weights = "RANDOM WEIGHTS" if m["weights"].get("random_weights") else f"checkpoint sha256 {m['weights'].get('sha256', '?')[:12]}"
+    lines = [f"bundle {bundle.path}: {m['model']['name']} {m['preprocessing']['size'][0]}x{m['preprocessing']['size'][1]}, "
+             f"{m['precision']} on {m['backend']}, batch {m['batch']['min']}:{m['batch']['opt']}:{m['batch']['max']}, {weights}"]
+    for name, spec in m["outputs"].items():
+        lines.append(f"  output {name}: {spec['shape']} {spec.get('dtype', 'float32')}")
+    return lines
