@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Dict
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "tests" / "fixtures" / "reference"
@@ -22,8 +21,10 @@ def fixture(model: str, name: str) -> np.ndarray:
     return np.load(REFERENCE / model / name)
 
 
-def rebuild_state_dict(model: str) -> Dict[str, torch.Tensor]:
+def rebuild_state_dict(model: str) -> Dict[str, "torch.Tensor"]:
     """The fixture's deterministic weights: value = N(0,1)[crc32(key)] * std + mean, cast last."""
+    import torch
+
     sd = {}
     for e in spec(model)["keys"]:
         rng = np.random.RandomState(zlib.crc32(e["key"].encode()))
@@ -34,6 +35,8 @@ def rebuild_state_dict(model: str) -> Dict[str, torch.Tensor]:
 
 def save_official_checkpoint(model: str, path: Path) -> Path:
     """Write the rebuilt weights in the official container of ``model``."""
+    import torch
+
     sd = rebuild_state_dict(model)
     if model == "salad":
         torch.save(sd, path)

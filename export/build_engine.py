@@ -1,0 +1,313 @@
+"""Build an engine bundle: PyTorch model -> ONNX (fixed H x W, dynamic batch) -> precision in the
+graph -> TensorRT engine, or an ONNX Runtime bundle where TensorRT is absent.
+
+    python export/build_engine.py --model salad-dinov2-vitb14 --checkpoint dino_salad.ckpt \\
+        --precision fp16 --batch 1:8:32 --output engines/salad-vitb14-fp16
+
+    # on the target device (a Jetson, usually without torch): engine from an exported bundle
+    python export/build_engine.py --from-bundle engines/salad-vitb14-fp16 --backend tensorrt
+
+The bundle (engines/README.md) is written to a staging folder and moved into place only when
+complete: an interrupted build never leaves a half bundle.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: python export/build_engine.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.bundle import BundleError, describe, file_entry, load_bundle, write_manifest  # noqa: E402
+from runtime.files import replace_dir  # noqa: E402
+from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
+
+FORMAT_VERSION = 1
+LAYOUTS = {
+    "salad": "L2([L2(token) (256), L2 per cluster of 128 channels x 64 clusters, channel-major: 256 + l*64 + k])",
+    "gem": "L2(GeM(p=3) over patch tokens)",
+    "selavpr": "descriptor: L2(GeM(p) of channel-L2 patch tokens); local_features: (H', W', 128) per-location L2",
+    "cricavpr": "L2(14 regions x C: [cls, 2x2 row-major, 3x3 row-major] after the cross-image encoder)",
+}
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '512MiB', '1073741824' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4GB, 512MB, 1073741824)")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * 1024 ** power)
+
+
+def parse_batch(text: str) -> dict:
+    parts = text.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: expected MIN:OPT:MAX, e.g. 1:8:32") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not 1 <= values[0] <= values[1] <= values[2]:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: expected 1 <= MIN <= OPT <= MAX")
+    return dict(zip(("min", "opt", "max"), values))
+
+
+def choose_backend(requested: str) -> tuple:
+    trt_ver, gpu = tensorrt_version(), gpu_info()
+    if requested == "onnxruntime":
+        return "onnxruntime", "requested"
+    if trt_ver and gpu:
+        return "tensorrt", f"TensorRT {trt_ver} and {gpu['name']} found"
+    why = "TensorRT does not import" if not trt_ver else "no usable CUDA GPU"
+    if requested == "tensorrt":
+        raise SystemExit(f"error: --backend tensorrt: {why} on this machine. Build the bundle with --backend "
+                         "onnxruntime here, then run --from-bundle DIR --backend tensorrt on the target device.")
+    return "onnxruntime", f"{why}: using ONNX Runtime (CPU)"
+
+
+def step(msg: str) -> float:
+    print(f"[build] {msg}", file=sys.stderr, flush=True)
+    return time.time()
+
+
+def export_bundle(args, staging: Path, backend: str) -> dict:
+    """The torch side: model -> checked ONNX (+ precision) in ``staging``; returns the manifest."""
+    import onnx
+    import torch
+
+    from export.onnx_export import decompose_layernorms, export_onnx, io_specs, save_onnx
+    from export.precision import fp32_island_nodes, to_fp16
+    from export.registry import get_config
+    from export.trt_check import check_graph
+    from export.zoo import create_model
+
+    cfg = get_config(args.model, image_size=args.image_size, depth=args.depth)
+    t = step(f"building {cfg.name} at {cfg.image_size[0]}x{cfg.image_size[1]} "
+             f"({'RANDOM WEIGHTS' if args.random_weights else 'checkpoint ' + args.checkpoint})")
+    model, cfg, weights = create_model(cfg, checkpoint=args.checkpoint, random_weights=args.random_weights)
+    target = args.target
+    decomposed = 0
+    if target == "trt8.5":
+        decomposed = decompose_layernorms(model)
+    outputs = list(cfg.outputs())
+    fp32_path = staging / "model.onnx"
+    step(f"exporting ONNX (opset {args.opset}, dynamic batch){f', {decomposed} LayerNorms decomposed' if decomposed else ''}")
+    export_onnx(model, cfg.image_size, outputs, fp32_path, opset=args.opset)
+    graph = onnx.load(str(fp32_path))
+    ops = check_graph(graph, target)
+    islands = fp32_island_nodes(graph)
+    step(f"static TensorRT check passed for {target}: {sum(ops.values())} nodes, {len(ops)} op types")
+    weak_trt = backend == "tensorrt" and not _trt_strongly_typed()
+    if args.precision == "fp16" and not weak_trt:
+        step(f"FP16 graph with {len(islands)} FP32 island nodes (LayerNorm, softmax, Sinkhorn, L2 norms)")
+        save_onnx(to_fp16(graph), fp32_path)
+    del graph
+
+    specs = io_specs(fp32_path)
+    checks = {"onnx_checker": True, "tensorrt_static_check": target, "onnx_ops": ops}
+    if not args.skip_parity:
+        checks["parity_vs_pytorch"] = _parity(model, cfg, fp32_path)
+        step(f"ONNX Runtime vs PyTorch on {checks['parity_vs_pytorch']['images']} sample images: "
+             f"min cosine {checks['parity_vs_pytorch']['min_cosine']:.6f}")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": {**cfg.to_dict(), "layout": LAYOUTS[cfg.method]},
+        "preprocessing": cfg.preprocessing.to_dict(),
+        "precision": args.precision,
+        "backend": backend,
+        "inputs": specs["inputs"],
+        "outputs": {n: {**s, "shape": s["shape"]} for n, s in specs["outputs"].items()},
+        "batch": args.batch,
+        "files": {},
+        "weights": {k: v for k, v in weights.items() if k != "path"},
+        "export": {"exporter": f"torch.onnx TorchScript exporter (torch {torch.__version__})", "opset": args.opset,
+                   "target": target, "decomposed_layernorm": bool(decomposed), "fp32_nodes": islands},
+        "checks": checks,
+    }
+    step(f"exported in {time.time() - t:.1f} s")
+    return manifest
+
+
+def _trt_strongly_typed() -> bool:
+    from export.trt_builder import capabilities
+    return capabilities()["strongly_typed"]
+
+
+def _parity(model, cfg, onnx_path: Path) -> dict:
+    """Descriptors of the bundle's graph (ONNX Runtime) against the PyTorch model on real images."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtime.preprocess import preprocess_file
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    files = sorted(data.glob("*/queries/*"))[:2] if data.is_dir() else []
+    if files:
+        x = np.stack([preprocess_file(f, cfg.preprocessing) for f in files])
+    else:
+        x = np.random.default_rng(0).standard_normal((2, 3, *cfg.image_size)).astype(np.float32)
+    import torch
+    with torch.inference_mode():
+        ref = model(torch.from_numpy(x))["descriptor"].float().numpy()
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["descriptor"], {"images": x})[0]
+    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    return {"images": len(x), "min_cosine": float(cos.min()), "max_abs": float(np.abs(ref - got).max())}
+
+
+def add_engine(args, staging: Path, manifest: dict) -> None:
+    from export.trt_builder import build_engine
+
+    t = step(f"building TensorRT {tensorrt_version()} engine ({manifest['precision']}, batch "
+             f"{manifest['batch']['min']}:{manifest['batch']['opt']}:{manifest['batch']['max']})")
+    facts = build_engine(staging / "model.onnx", staging / "engine.plan", next(iter(manifest["inputs"])),
+                         manifest["preprocessing"]["size"], manifest["batch"], manifest["precision"],
+                         manifest["export"].get("fp32_nodes", []), workspace=args.workspace,
+                         timing_cache=args.timing_cache, opt_level=args.opt_level,
+                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+    manifest["tensorrt"] = facts
+    step(f"engine built in {time.time() - t:.1f} s")
+
+
+def finish(staging: Path, output: Path, manifest: dict) -> None:
+    manifest["files"] = {"onnx": file_entry(staging / "model.onnx")}
+    if (staging / "model.onnx.data").exists():
+        manifest["files"]["onnx_data"] = file_entry(staging / "model.onnx.data")
+    if (staging / "engine.plan").exists():
+        manifest["files"]["engine"] = file_entry(staging / "engine.plan")
+    if manifest["backend"] == "onnxruntime":
+        manifest["onnxruntime"] = {"graph_optimization": "ORT_ENABLE_ALL, applied at session creation (portable)"}
+    manifest["build"] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         "host": platform.node(), "platform": platform.platform(), "python": platform.python_version()}
+    write_manifest(staging, manifest)
+    replace_dir(staging, output)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.bundle import PRECISIONS
+    p = argparse.ArgumentParser(prog="python export/build_engine.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="NAME", help="registry model name (python -m export.encode --help lists them)")
+    src.add_argument("--from-bundle", type=Path, metavar="DIR",
+                     help="build from an exported bundle's model.onnx, without torch (on the target device)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--checkpoint", metavar="PATH|URL", help="official checkpoint (or https:// URL, cached)")
+    w.add_argument("--random-weights", action="store_true",
+                   help="seeded random weights, labelled as such in the manifest: for tests and benchmarks")
+    p.add_argument("--image-size", type=int, help="square input size, multiple of 14 (default: the model's official one)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                   help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands); int8 (calibration)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
+                   help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU)")
+    p.add_argument("--batch", type=parse_batch, default=parse_batch("1:8:32"), metavar="MIN:OPT:MAX",
+                   help="optimisation profile of the batch axis (default 1:8:32)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--target", choices=("trt8.5", "trt8.6", "trt10", "trt11"), default=None,
+                   help="TensorRT generation the graph must suit (default: the installed one, else trt10); "
+                        "trt8.5 (JetPack 5) decomposes LayerNorm")
+    p.add_argument("--workspace", type=parse_size, default=None, help="TensorRT workspace limit, e.g. 4GB")
+    p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file, read and updated")
+    p.add_argument("--opt-level", type=int, choices=range(0, 6), default=None, metavar="0-5",
+                   help="TensorRT builder optimisation level (default: TensorRT's, 3)")
+    p.add_argument("--version-compatible", action="store_true", help="engine that later TensorRT versions can run")
+    p.add_argument("--hardware-compatible", action="store_true", help="engine for any Ampere-or-newer GPU")
+    p.add_argument("--skip-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch check on sample images")
+    p.add_argument("--output", type=Path, help="bundle directory (default engines/<model>-<precision>)")
+    p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model and not (args.checkpoint or args.random_weights):
+        parser.error("--model needs --checkpoint PATH|URL or --random-weights")
+    if args.precision == "int8":
+        parser.error("--precision int8 needs calibration on real images, which this version does not provide yet")
+    backend, why = choose_backend(args.backend)
+    print(f"[build] backend: {backend} ({why})", file=sys.stderr)
+    if args.target is None:
+        if backend == "tensorrt":
+            from export.trt_builder import default_target
+            args.target = default_target()
+        else:
+            args.target = "trt10"
+    if args.from_bundle:
+        return _from_bundle(args, backend)
+    output = args.output or Path("engines") / f"{args.model}-{args.precision}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    staging.mkdir()
+    try:
+        manifest = export_bundle(args, staging, backend)
+        if backend == "tensorrt":
+            add_engine(args, staging, manifest)
+        finish(staging, output, manifest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _summary(output)
+    return 0
+
+
+def _from_bundle(args, backend: str) -> int:
+    try:
+        src = load_bundle(args.from_bundle, verify=True) if args.from_bundle else None
+    except BundleError as exc:
+        if "TensorRT" not in str(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from runtime.bundle import read_manifest, verify_files
+        src = None
+        manifest = read_manifest(args.from_bundle)
+        verify_files(args.from_bundle, {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != "engine"}})
+    else:
+        manifest = src.manifest
+    output = args.output or args.from_bundle
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    staging.mkdir(parents=True)
+    try:
+        for role in ("onnx", "onnx_data"):
+            if role in manifest["files"]:
+                shutil.copy2(args.from_bundle / manifest["files"][role]["name"], staging / manifest["files"][role]["name"])
+        manifest = {**manifest, "backend": backend}
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if k != "engine"}
+        manifest.pop("tensorrt", None)
+        if args.batch != parse_batch("1:8:32"):
+            manifest["batch"] = args.batch
+        if backend == "tensorrt":
+            add_engine(args, staging, manifest)
+        finish(staging, output, manifest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    _summary(output)
+    return 0
+
+
+def _summary(output: Path) -> None:
+    bundle = load_bundle(output)
+    for line in describe(bundle):
+        print(line)
+    for role, entry in bundle.manifest["files"].items():
+        print(f"  {role}: {entry['name']} {entry['size'] / 1e6:.1f} MB sha256 {entry['sha256'][:12]}")
+    checks = bundle.manifest.get("checks", {})
+    passed = ["manifest and sha256 verified", "onnx.checker"]
+    if "tensorrt_static_check" in checks:
+        passed.append(f"TensorRT static check ({checks['tensorrt_static_check']})")
+    if "parity_vs_pytorch" in checks:
+        passed.append(f"parity vs PyTorch (min cosine {checks['parity_vs_pytorch']['min_cosine']:.6f})")
+    print("  checks passed: " + ", ".join(passed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
