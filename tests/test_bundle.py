@@ -1,0 +1,71 @@
+"""Bundle loading and the ONNX Runtime backend, without torch (also run on Python 3.10)."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime.trt_env as trt_env
+from runtime.backends import open_backend
+from runtime.bundle import BundleError, file_entry, load_bundle, write_manifest
+
+TINY = Path(__file__).parent / "fixtures" / "tiny_mean_l2.onnx"
+
+
+def make_bundle(folder: Path, **extra) -> Path:
+    folder.mkdir(parents=True)
+    shutil.copy(TINY, folder / "model.onnx")
+    manifest = {
+        "format_version": 1, "model": {"name": "tiny", "batch_mode": "independent"},
+        "preprocessing": {"size": [28, 28], "resize": "pil_bilinear", "mean": [0.5] * 3, "std": [0.5] * 3},
+        "precision": "fp32", "backend": "onnxruntime",
+        "inputs": {"images": {"shape": ["batch", 3, 28, 28], "dtype": "float32"}},
+        "outputs": {"descriptor": {"shape": ["batch", 3], "dtype": "float32"}},
+        "batch": {"min": 1, "opt": 2, "max": 4}, "files": {"onnx": file_entry(folder / "model.onnx")},
+        "weights": {"random_weights": True}, "build": {}, **extra}
+    write_manifest(folder, manifest)
+    return folder
+
+
+def test_onnxruntime_backend_runs_a_verified_bundle(tmp_path):
+    bundle = load_bundle(make_bundle(tmp_path / "b"))
+    assert bundle.preprocessing.size == (28, 28) and bundle.batch["max"] == 4
+    backend = open_backend(bundle, threads=1)
+    x = np.random.default_rng(0).standard_normal((3, 3, 28, 28)).astype(np.float32)
+    out = backend.run(x)["descriptor"]
+    ref = x.mean(axis=(2, 3))
+    np.testing.assert_allclose(out, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_manifest_problems_are_named(tmp_path):
+    folder = make_bundle(tmp_path / "b")
+    m = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
+    with pytest.raises(BundleError, match="bundle format 99"):
+        load_bundle(folder)
+    (folder / "manifest.json").write_text(json.dumps({**m, "preprocessing": {"size": [1, 1], "resize": "nearest", "mean": [0] * 3, "std": [1] * 3}}))
+    with pytest.raises(BundleError, match="preprocessing"):
+        load_bundle(folder)
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_engine_for_another_tensorrt_or_gpu_is_refused(tmp_path, monkeypatch):
+    folder = make_bundle(tmp_path / "e", backend="tensorrt",
+                         tensorrt={"version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"})
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda: None)
+    with pytest.raises(BundleError, match="TensorRT does not import"):
+        load_bundle(folder)
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda: "10.16.1")
+    with pytest.raises(BundleError, match="TensorRT 10.3.0, this machine has 10.16.1; rebuild it: python export/build_engine.py --from-bundle"):
+        load_bundle(folder)
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(trt_env, "gpu_info", lambda device=0: {"name": "RTX 4090", "compute_capability": "8.9"})
+    with pytest.raises(BundleError, match="built for Orin .compute capability 8.7.*RTX 4090"):
+        load_bundle(folder)
+
+
+def test_gpu_probe_is_safe_without_a_gpu():
+    info = trt_env.gpu_info()
+    assert info is None or set(info) == {"name", "compute_capability"}
