@@ -31,6 +31,7 @@ from runtime.files import replace_dir  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
 
 FORMAT_VERSION = 1
+BUILD_ERRORS = (BundleError, KeyError, ValueError, RuntimeError, FileNotFoundError)  # Checkpoint/TRT errors subclass these
 LAYOUTS = {
     "salad": "L2([L2(token) (256), L2 per cluster of 128 channels x 64 clusters, channel-major: 256 + l*64 + k])",
     "gem": "L2(GeM(p=3) over patch tokens)",
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands); int8 (calibration)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
                    help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU)")
-    p.add_argument("--batch", type=parse_batch, default=parse_batch("1:8:32"), metavar="MIN:OPT:MAX",
+    p.add_argument("--batch", type=parse_batch, default=None, metavar="MIN:OPT:MAX",
                    help="optimisation profile of the batch axis (default 1:8:32)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--target", choices=("trt8.5", "trt8.6", "trt10", "trt11"), default=None,
@@ -233,6 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--model needs --checkpoint PATH|URL or --random-weights")
     if args.precision == "int8":
         parser.error("--precision int8 needs calibration on real images, which this version does not provide yet")
+    args.batch_given = args.batch is not None
+    if args.batch is None:
+        args.batch = parse_batch("1:8:32")
     backend, why = choose_backend(args.backend)
     print(f"[build] backend: {backend} ({why})", file=sys.stderr)
     if args.target is None:
@@ -241,57 +245,55 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.target = default_target()
         else:
             args.target = "trt10"
-    if args.from_bundle:
-        return _from_bundle(args, backend)
-    output = args.output or Path("engines") / f"{args.model}-{args.precision}"
+    try:
+        if args.from_bundle:
+            output = args.output or args.from_bundle
+            _write_bundle(output, lambda staging: _from_bundle(args, staging, backend))
+        else:
+            output = args.output or Path("engines") / f"{args.model}-{args.precision}"
+            _write_bundle(output, lambda staging: _from_model(args, staging, backend))
+    except BUILD_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _summary(output)
+    return 0
+
+
+def _write_bundle(output: Path, fill) -> None:
+    """Run ``fill(staging)`` (returns the manifest) in a staging folder, then move it into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
     staging.mkdir()
     try:
-        manifest = export_bundle(args, staging, backend)
-        if backend == "tensorrt":
-            add_engine(args, staging, manifest)
-        finish(staging, output, manifest)
+        finish(staging, output, fill(staging))
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    _summary(output)
-    return 0
 
 
-def _from_bundle(args, backend: str) -> int:
-    try:
-        src = load_bundle(args.from_bundle, verify=True) if args.from_bundle else None
-    except BundleError as exc:
-        if "TensorRT" not in str(exc):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        from runtime.bundle import read_manifest, verify_files
-        src = None
-        manifest = read_manifest(args.from_bundle)
-        verify_files(args.from_bundle, {**manifest, "files": {k: v for k, v in manifest["files"].items() if k != "engine"}})
-    else:
-        manifest = src.manifest
-    output = args.output or args.from_bundle
-    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    staging.mkdir(parents=True)
-    try:
-        for role in ("onnx", "onnx_data"):
-            if role in manifest["files"]:
-                shutil.copy2(args.from_bundle / manifest["files"][role]["name"], staging / manifest["files"][role]["name"])
-        manifest = {**manifest, "backend": backend}
-        manifest["files"] = {k: v for k, v in manifest["files"].items() if k != "engine"}
-        manifest.pop("tensorrt", None)
-        if args.batch != parse_batch("1:8:32"):
-            manifest["batch"] = args.batch
-        if backend == "tensorrt":
-            add_engine(args, staging, manifest)
-        finish(staging, output, manifest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    _summary(output)
-    return 0
+def _from_model(args, staging: Path, backend: str) -> dict:
+    manifest = export_bundle(args, staging, backend)
+    if backend == "tensorrt":
+        add_engine(args, staging, manifest)
+    return manifest
+
+
+def _from_bundle(args, staging: Path, backend: str) -> dict:
+    """The source bundle's graph, verified, with a new engine (its old engine is not needed)."""
+    from runtime.bundle import read_manifest, verify_files
+
+    src = read_manifest(args.from_bundle)
+    graph_files = {k: v for k, v in src["files"].items() if k != "engine"}
+    verify_files(args.from_bundle, {**src, "files": graph_files})
+    for entry in graph_files.values():
+        shutil.copy2(args.from_bundle / entry["name"], staging / entry["name"])
+    manifest = {k: v for k, v in src.items() if k != "tensorrt"}
+    manifest.update(backend=backend, files=graph_files)
+    if args.batch_given:
+        manifest["batch"] = args.batch
+    if backend == "tensorrt":
+        add_engine(args, staging, manifest)
+    return manifest
 
 
 def _summary(output: Path) -> None:
