@@ -31,7 +31,7 @@ from runtime.files import replace_dir  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
 
 FORMAT_VERSION = 1
-BUILD_ERRORS = (BundleError, KeyError, ValueError, RuntimeError, FileNotFoundError)  # Checkpoint/TRT errors subclass these
+BUILD_ERRORS = (ValueError, RuntimeError, FileNotFoundError)  # Checkpoint/TRT errors subclass these
 LAYOUTS = {
     "salad": "L2([L2(token) (256), L2 per cluster of 128 channels x 64 clusters, channel-major: 256 + l*64 + k])",
     "gem": "L2(GeM(p=3) over patch tokens)",

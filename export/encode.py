@@ -93,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = get_config(args.model, image_size=args.image_size, depth=args.depth)
         files = list_images(args.images)
-    except (KeyError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not files:

@@ -60,6 +60,10 @@ class ModelConfig:
                 "preprocessing": self.preprocessing.to_dict(), "outputs": self.outputs()}
 
 
+class UnknownModelError(ValueError):
+    pass
+
+
 _REGISTRY: Dict[str, ModelConfig] = {}
 
 
@@ -77,7 +81,7 @@ def list_models() -> List[str]:
 def get_config(name: str, image_size: Optional[int] = None, depth: Optional[int] = None) -> ModelConfig:
     """The named config, optionally at another (square) image size or a reduced depth."""
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     cfg = _REGISTRY[name]
     if image_size is not None:
         if image_size % PATCH:

@@ -32,7 +32,7 @@ def test_registry_lists_the_documented_models():
     assert get_config("salad-dinov2-vitb14").outputs() == {"descriptor": [8448]}
     assert get_config("salad-dinov2-vitb14").preprocessing.resize == "pil_bilinear"
     assert get_config("selavpr-dinov2-vitl14").preprocessing.resize == "tensor_bilinear"
-    with pytest.raises(KeyError, match="known models"):
+    with pytest.raises(ValueError, match="known models"):
         get_config("netvlad")
     with pytest.raises(ValueError, match="multiple of the patch size"):
         get_config("salad-dinov2-vitb14", image_size=320)
