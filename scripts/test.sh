@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 py310="${PYTHON310:-}"
 if [ -z "$py310" ]; then
-  for c in python3.10 "$HOME/.pyenv/versions/3.10.13/bin/python"; do
-    if command -v "$c" >/dev/null 2>&1; then py310="$c"; break; fi
+  for c in "$HOME/.pyenv/versions/3.10.13/bin/python" python3.10; do
+    # run it: a pyenv shim exists even where that version is not selected
+    if "$c" -c 'import sys; assert sys.version_info[:2] == (3, 10)' >/dev/null 2>&1; then py310="$c"; break; fi
   done
 fi
 if [ -z "$py310" ]; then
