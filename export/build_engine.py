@@ -26,7 +26,7 @@ from typing import List, Optional
 if __package__ in (None, ""):  # run as a script: python export/build_engine.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.bundle import BundleError, describe, file_entry, load_bundle, write_manifest  # noqa: E402
+from runtime.bundle import describe, file_entry, load_bundle, write_manifest  # noqa: E402
 from runtime.files import replace_dir  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
 
@@ -126,7 +126,7 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
         "precision": args.precision,
         "backend": backend,
         "inputs": specs["inputs"],
-        "outputs": {n: {**s, "shape": s["shape"]} for n, s in specs["outputs"].items()},
+        "outputs": specs["outputs"],
         "batch": args.batch,
         "files": {},
         "weights": {k: v for k, v in weights.items() if k != "path"},

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
-from .files import sha256_file
+from .files import atomic_write, sha256_file
 from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -125,8 +125,6 @@ def load_bundle(folder: Union[str, Path], verify: bool = True) -> Bundle:
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
-    from .files import atomic_write
-
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     atomic_write(Path(folder) / MANIFEST, lambda f: f.write(text.encode()))
 
