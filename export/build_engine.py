@@ -148,6 +148,7 @@ def _parity(model, cfg, onnx_path: Path) -> dict:
     import numpy as np
     import onnxruntime as ort
 
+    from runtime.compare import row_cosine
     from runtime.preprocess import preprocess_file
 
     data = Path(__file__).resolve().parents[1] / "data"
@@ -160,7 +161,7 @@ def _parity(model, cfg, onnx_path: Path) -> dict:
     with torch.inference_mode():
         ref = model(torch.from_numpy(x))["descriptor"].float().numpy()
     got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["descriptor"], {"images": x})[0]
-    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    cos = row_cosine(ref, got)
     return {"images": len(x), "min_cosine": float(cos.min()), "max_abs": float(np.abs(ref - got).max())}
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.backends import open_backend  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
+from runtime.compare import row_cosine  # noqa: E402
 from runtime.preprocess import list_images, preprocess_file  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
 
@@ -35,7 +36,7 @@ def build(*args) -> None:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+    return float(row_cosine(a, b).min())
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ from export.zoo import create_model  # noqa: E402
 from reference import DATA, ROOT, fixture, image_path, save_official_checkpoint, spec  # noqa: E402
 from runtime.backends import open_backend  # noqa: E402
 from runtime.bundle import BundleError, load_bundle  # noqa: E402
+from runtime.compare import row_cosine  # noqa: E402
 from runtime.preprocess import list_images, preprocess_file  # noqa: E402
 from runtime.trt_env import tensorrt_usable  # noqa: E402
 from test_runtime_no_torch import BLOCKER  # noqa: E402
@@ -35,8 +36,7 @@ def build(*args, blocker=False):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
 
 
-def cosine(a, b):
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+cosine = row_cosine
 
 
 @pytest.fixture(scope="module")
