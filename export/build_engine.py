@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: python export/build_engine.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.bundle import describe, file_entry, load_bundle, write_manifest  # noqa: E402
+from runtime import units  # noqa: E402
 from runtime.files import replace_dir  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
 
@@ -41,12 +42,10 @@ LAYOUTS = {
 
 
 def parse_size(text: str) -> int:
-    """'4GB', '512MiB', '1073741824' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4GB, 512MB, 1073741824)")
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * 1024 ** power)
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_batch(text: str) -> dict:

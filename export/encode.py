@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from runtime.files import atomic_write
+from runtime.files import save_descriptors
 from runtime.preprocess import list_images, preprocess_file
 
 from .registry import get_config, list_models
@@ -44,21 +44,6 @@ def encode_files(model: torch.nn.Module, cfg, files: List[Path], batch_size: int
             bar.update(len(chunk))
     bar.close()
     return {name: np.concatenate(parts) for name, parts in outputs.items()}
-
-
-def save_descriptors(output: Path, names: Iterable[str], outputs: dict) -> List[Path]:
-    """``X.npy`` + ``X.txt`` (names); local features, if any, to ``X.local.npy``."""
-    output = Path(output)
-    if output.suffix != ".npy":
-        output = output.with_suffix(".npy")
-    written = [output, output.with_suffix(".txt")]
-    atomic_write(output, lambda f: np.save(f, outputs["descriptor"]))
-    atomic_write(written[1], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
-    if "local_features" in outputs:
-        local = output.with_suffix(".local.npy")
-        atomic_write(local, lambda f: np.save(f, outputs["local_features"]))
-        written.append(local)
-    return written
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterable, List, Union
+
+import numpy as np
 
 PathLike = Union[str, Path]
 
@@ -71,3 +73,18 @@ def replace_dir(staging: Path, target: Path) -> None:
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_descriptors(output: Path, names: Iterable[str], outputs: dict) -> List[Path]:
+    """``X.npy`` + ``X.txt`` (names); local features, if any, to ``X.local.npy``."""
+    output = Path(output)
+    if output.suffix != ".npy":
+        output = output.with_suffix(".npy")
+    written = [output, output.with_suffix(".txt")]
+    atomic_write(output, lambda f: np.save(f, outputs["descriptor"]))
+    atomic_write(written[1], lambda f: f.write("".join(f"{n}\n" for n in names).encode()))
+    if "local_features" in outputs:
+        local = output.with_suffix(".local.npy")
+        atomic_write(local, lambda f: np.save(f, outputs["local_features"]))
+        written.append(local)
+    return written

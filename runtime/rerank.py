@@ -47,3 +47,19 @@ def rerank(candidates: Sequence[int], counts: np.ndarray) -> np.ndarray:
     """Candidates re-ordered by descending MNN count; ties keep their first-stage order."""
     order = np.argsort(-np.asarray(counts), kind="stable")
     return np.asarray(candidates)[order]
+
+
+def rerank_shortlist(query_local: np.ndarray, database_local: np.ndarray, ids: np.ndarray,
+                     max_bytes: int = 256 << 20) -> tuple:
+    """Re-order database indices ``ids`` (first-stage order) for one query by MNN count.
+
+    ``database_local`` may be a memory map: only the candidates' rows are read.
+    Returns (reordered ids, counts in the new order).
+    """
+    ids = np.asarray(ids)
+    ids = ids[ids >= 0]
+    cand = np.asarray(database_local[np.sort(ids)], dtype=np.float32)
+    order_in_sorted = np.argsort(np.argsort(ids))  # position of each id within the sorted read
+    counts = mnn_counts(np.asarray(query_local, dtype=np.float32), cand[order_in_sorted], max_bytes)
+    order = np.argsort(-counts, kind="stable")
+    return ids[order], counts[order]
