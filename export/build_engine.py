@@ -99,6 +99,12 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
     if target == "trt8.5":
         decomposed = decompose_layernorms(model)
     outputs = list(cfg.outputs())
+    split = None
+    if args.split:
+        from export.models.salad import SaladSplit
+        model = SaladSplit(model)
+        split = model.split_info()
+        outputs = ["token", "cluster_features", "scores"]
     fp32_path = staging / "model.onnx"
     step(f"exporting ONNX (opset {args.opset}, dynamic batch){f', {decomposed} LayerNorms decomposed' if decomposed else ''}")
     export_onnx(model, cfg.image_size, outputs, fp32_path, opset=args.opset)
@@ -115,7 +121,7 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
     specs = io_specs(fp32_path)
     checks = {"onnx_checker": True, "tensorrt_static_check": target, "onnx_ops": ops}
     if not args.skip_parity:
-        checks["parity_vs_pytorch"] = _parity(model, cfg, fp32_path)
+        checks["parity_vs_pytorch"] = _parity(model, cfg, fp32_path, split)
         step(f"ONNX Runtime vs PyTorch on {checks['parity_vs_pytorch']['images']} sample images: "
              f"min cosine {checks['parity_vs_pytorch']['min_cosine']:.6f}")
     manifest = {
@@ -133,6 +139,8 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
                    "target": target, "decomposed_layernorm": bool(decomposed), "fp32_nodes": islands},
         "checks": checks,
     }
+    if split:
+        manifest["split"] = split
     step(f"exported in {time.time() - t:.1f} s")
     return manifest
 
@@ -142,7 +150,7 @@ def _trt_strongly_typed() -> bool:
     return capabilities()["strongly_typed"]
 
 
-def _parity(model, cfg, onnx_path: Path) -> dict:
+def _parity(model, cfg, onnx_path: Path, split: Optional[dict] = None) -> dict:
     """Descriptors of the bundle's graph (ONNX Runtime) against the PyTorch model on real images."""
     import numpy as np
     import onnxruntime as ort
@@ -157,9 +165,18 @@ def _parity(model, cfg, onnx_path: Path) -> dict:
     else:
         x = np.random.default_rng(0).standard_normal((2, 3, *cfg.image_size)).astype(np.float32)
     import torch
+
+    from runtime.sinkhorn import salad_aggregate
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.inference_mode():
-        ref = model(torch.from_numpy(x))["descriptor"].float().numpy()
-    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["descriptor"], {"images": x})[0]
+        if split:  # the fused PyTorch model against the split graph finished by the numpy Sinkhorn
+            ref = model.model(torch.from_numpy(x))["descriptor"].float().numpy()
+            token, feats, scores = session.run(["token", "cluster_features", "scores"], {"images": x})
+            got = salad_aggregate(token, feats, scores, split["dust_bin"], split["iterations"])
+        else:
+            ref = model(torch.from_numpy(x))["descriptor"].float().numpy()
+            got = session.run(["descriptor"], {"images": x})[0]
     cos = row_cosine(ref, got)
     return {"images": len(x), "min_cosine": float(cos.min()), "max_abs": float(np.abs(ref - got).max())}
 
@@ -221,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT builder optimisation level (default: TensorRT's, 3)")
     p.add_argument("--version-compatible", action="store_true", help="engine that later TensorRT versions can run")
     p.add_argument("--hardware-compatible", action="store_true", help="engine for any Ampere-or-newer GPU")
+    p.add_argument("--split", action="store_true",
+                   help="SALAD only: end the graph before the optimal transport; the runtime's numpy Sinkhorn "
+                        "finishes the descriptor (keeps exp/log-sum-exp out of reduced-precision engines)")
     p.add_argument("--skip-parity", action="store_true", help="skip the ONNX Runtime vs PyTorch check on sample images")
     p.add_argument("--output", type=Path, help="bundle directory (default engines/<model>-<precision>)")
     p.add_argument("--depth", type=int, default=None, help=argparse.SUPPRESS)

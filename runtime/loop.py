@@ -86,10 +86,12 @@ class Localizer:
                         break
                     except queue.Full:
                         try:
-                            q.get_nowait()
-                            self.stats.dropped_queue += 1
+                            old = q.get_nowait()
                         except queue.Empty:
-                            pass
+                            continue
+                        if old is not _END:
+                            self.stats.dropped_queue += 1
+                            self.on_result({"frame": old.index, "name": old.name, "dropped": "queue"})
             else:
                 q.put(frame)  # a recorded source waits: nothing is lost
         q.put(_END)

@@ -99,3 +99,26 @@ class SALAD(nn.Module):
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict:
         log_plan = self.sinkhorn(self.scores(patches), self.dust_bin)
         return {"descriptor": self.aggregate(cls, patches, log_plan)}
+
+
+class SaladSplit(nn.Module):
+    """A SALAD model that stops before the optimal transport: the runtime's numpy Sinkhorn
+    (``runtime/sinkhorn.py``) finishes the descriptor. Outputs: ``token`` (B, 256) before its
+    L2, ``cluster_features`` (B, n, 128) and ``scores`` (B, 64, n)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model.head, SALAD):
+            raise ValueError("split mode is for SALAD models only")
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict:
+        cls, patches = self.model.backbone(images)
+        head = self.model.head
+        return {"token": head.token_features(cls), "cluster_features": head.cluster_features(patches),
+                "scores": head.scores(patches)}
+
+    def split_info(self) -> dict:
+        head = self.model.head
+        return {"method": "salad", "dust_bin": float(head.dust_bin.detach()),
+                "iterations": head.sinkhorn.iterations, "descriptor_dim": head.dim}
