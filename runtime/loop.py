@@ -55,7 +55,7 @@ class LoopConfig:
     budget_ms: float = 0.0  # 0: no budget
     top_k: int = 5
     rerank: int = 0
-    queue_size: int = 64
+    queue_size: int = 16
     batch_wait: float = 0.25  # share of the budget a batch may wait to fill
 
 
@@ -140,8 +140,10 @@ class Localizer:
         return keep
 
     def _process(self, batch: List[Frame]) -> None:
+        t_start = time.perf_counter()
         for f in batch:
             self.timer.add("decode", f.decode_ms)
+            self.timer.add("queue", (t_start - f.arrival) * 1000)  # waiting for the loop: part of "total"
         with self.timer.stage("preprocess", len(batch)):
             images = np.stack([preprocess_image(f.image, self.encoder.pre) for f in batch])
         out = self.encoder.infer(images)

@@ -8,7 +8,7 @@ from typing import Dict, Iterator, List
 
 import numpy as np
 
-STAGES = ("decode", "preprocess", "h2d", "inference", "d2h", "aggregation", "search", "rerank", "total")
+STAGES = ("decode", "queue", "preprocess", "h2d", "inference", "d2h", "aggregation", "search", "rerank", "total")
 
 
 class StageTimer:

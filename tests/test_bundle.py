@@ -69,3 +69,15 @@ def test_engine_for_another_tensorrt_or_gpu_is_refused(tmp_path, monkeypatch):
 def test_gpu_probe_is_safe_without_a_gpu():
     info = trt_env.gpu_info()
     assert info is None or set(info) == {"name", "compute_capability"}
+
+
+def test_tensorrt_buffer_planning_without_a_gpu():
+    from runtime.backends.tensorrt_backend import plan_buffers
+
+    io = [("images", True, (-1, 3, 322, 322), np.dtype(np.float32)),
+          ("descriptor", False, (-1, 8448), np.dtype(np.float32)),
+          ("local_features", False, (-1, 61, 61, 128), np.dtype(np.float16))]
+    sizes = plan_buffers(io, max_batch=8)
+    assert sizes == {"images": 8 * 3 * 322 * 322 * 4, "descriptor": 8 * 8448 * 4, "local_features": 8 * 61 * 61 * 128 * 2}
+    with pytest.raises(BundleError, match="dynamic axis other than the batch"):
+        plan_buffers([("x", True, (-1, 3, -1, 224), np.dtype(np.float32))], 4)

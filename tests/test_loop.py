@@ -56,3 +56,20 @@ def test_overload_stays_accounted_and_bounded(tmp_path):
     assert stats.accounted() and stats.received == 300
     assert stats.dropped_queue + stats.dropped_stale > 0  # the source outran the loop
     assert len(results) == 300  # every frame has a line: result, drop or error
+
+
+def test_video_file_source(tmp_path):
+    import pytest
+    cv2 = pytest.importorskip("cv2")
+    from runtime.sources import open_source
+
+    enc, place_map, images = _setup(tmp_path)
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (40, 30))
+    for i in (2, 5, 9):
+        writer.write(np.asarray(images[i])[:, :, ::-1].copy())
+    writer.release()
+    results = []
+    stats = Localizer(enc, place_map, LoopConfig(top_k=1), results.append).run(open_source(str(path)))
+    assert stats.processed == 3 and stats.accounted()
+    assert [r["place"] for r in results] == ["p2", "p5", "p9"]

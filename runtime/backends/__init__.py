@@ -21,10 +21,11 @@ class Backend:
         pass
 
 
-def open_backend(bundle: Bundle, threads: Optional[int] = None, device: str = "cpu") -> Backend:
+def open_backend(bundle: Bundle, threads: Optional[int] = None, device: str = "cpu",
+                 cuda_graph: bool = False) -> Backend:
     """The backend a bundle was built for."""
     if bundle.backend == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
-        return TensorRTBackend(bundle)
+        return TensorRTBackend(bundle, cuda_graph=cuda_graph)
     from .ort_backend import OnnxRuntimeBackend
     return OnnxRuntimeBackend(bundle, threads=threads, device=device)

@@ -1,9 +1,10 @@
 """TensorRT backend: name-based I/O (``set_input_shape``, ``set_tensor_address``,
 ``execute_async_v3``), the same from TensorRT 8.5 to 11.x (shared/research/deploy-tooling.md §1.10).
 
-Memory through cuda-python (``cuda.bindings.runtime``; the older ``cuda.cudart`` layout on JetPack
-images): pinned host and device buffers sized once for the profile's maximum batch and reused, one
-non-default CUDA stream, asynchronous copies. Tested where TensorRT and a GPU exist.
+Buffers are planned once for the profile's maximum batch (``plan_buffers``) and reused, pinned on
+the host; one non-default stream with asynchronous copies (``cuda_memory``: cuda-python, else
+pycuda). With ``cuda_graph=True`` each batch size's enqueue is captured once into a CUDA graph
+and replayed (after a first uncaptured run, as trtexec does); the copies stay outside the graph.
 """
 from __future__ import annotations
 
@@ -15,23 +16,8 @@ from ..bundle import Bundle, BundleError
 from . import Backend
 
 
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart  # cuda-python < 12.6
-    return cudart
-
-
-def _check(result):
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error {err}")
-    return rest[0] if len(rest) == 1 else rest
-
-
 def plan_buffers(io: List[Tuple[str, bool, Tuple[int, ...], np.dtype]], max_batch: int) -> Dict[str, int]:
-    """Bytes to allocate per tensor for ``max_batch`` (batch axis 0 may be -1 = dynamic)."""
+    """Bytes to allocate per tensor for ``max_batch`` (axis 0 may be -1: the dynamic batch)."""
     sizes = {}
     for name, _is_input, shape, dtype in io:
         dims = [max_batch if (i == 0 and d < 0) else d for i, d in enumerate(shape)]
@@ -44,10 +30,11 @@ def plan_buffers(io: List[Tuple[str, bool, Tuple[int, ...], np.dtype]], max_batc
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, cuda_graph: bool = False) -> None:
         import tensorrt as trt
 
-        self.trt, self.cudart = trt, _cudart()
+        from .cuda_memory import open_memory
+
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         if bundle.manifest.get("tensorrt", {}).get("version_compatible"):
@@ -56,57 +43,57 @@ class TensorRTBackend(Backend):
         if self.engine is None:
             raise BundleError(f"{bundle.file('engine')}: TensorRT could not deserialise the engine; {bundle.rebuild_hint}")
         self.context = self.engine.create_execution_context()
-        self.max_batch = int(bundle.batch["max"])
-        self.min_batch = int(bundle.batch["min"])
+        self.min_batch, self.max_batch = int(bundle.batch["min"]), int(bundle.batch["max"])
         io = []
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            shape = tuple(self.engine.get_tensor_shape(name))
-            io.append((name, is_input, shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))))
-        self.io = io
+            io.append((name, is_input, tuple(self.engine.get_tensor_shape(name)),
+                       np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))))
         self.inputs = [t for t in io if t[1]]
         self.outputs = [t for t in io if not t[1]]
-        self.stream = _check(self.cudart.cudaStreamCreate())
-        self.device, self.host = {}, {}
+        self.mem = open_memory()
+        self.buffers = {}
         for name, size in plan_buffers(io, self.max_batch).items():
-            self.device[name] = _check(self.cudart.cudaMalloc(size))
-            self.host[name] = _check(self.cudart.cudaMallocHost(size))
-            self.context.set_tensor_address(name, int(self.device[name]))
+            self.buffers[name] = self.mem.alloc(size)
+            self.context.set_tensor_address(name, self.buffers[name][0])
+        self.cuda_graph = cuda_graph and self.mem.name == "cuda-python"
+        self.graphs: Dict[int, object] = {}
 
-    def _host_view(self, name: str, shape, dtype) -> np.ndarray:
-        import ctypes
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        buf = (ctypes.c_byte * n).from_address(int(self.host[name]))
-        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    def _enqueue(self, batch: int) -> None:
+        if not self.cuda_graph:
+            if not self.context.execute_async_v3(self.mem.stream_handle):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            return
+        if batch not in self.graphs:
+            self.context.execute_async_v3(self.mem.stream_handle)  # lazy initialisation outside capture
+            self.mem.synchronize()
+            self.mem.begin_capture()
+            self.context.execute_async_v3(self.mem.stream_handle)
+            self.graphs[batch] = self.mem.end_capture()
+        self.mem.launch(self.graphs[batch])
 
     def run(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         b = images.shape[0]
         if not self.min_batch <= b <= self.max_batch:
             raise ValueError(f"batch {b} outside the engine's profile {self.min_batch}..{self.max_batch}")
-        cudart = self.cudart
-        kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         name, _, _, dtype = self.inputs[0]
         self.context.set_input_shape(name, tuple(images.shape))
-        host_in = self._host_view(name, images.shape, dtype)
-        host_in[...] = images
-        _check(cudart.cudaMemcpyAsync(self.device[name], self.host[name], host_in.nbytes, kind_h2d, self.stream))
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        results = {}
+        dev, host = self.buffers[name]
+        data = np.ascontiguousarray(images, dtype=dtype)
+        host[:data.nbytes] = data.view(np.uint8).reshape(-1)
+        self.mem.htod(dev, host, data.nbytes)
+        self._enqueue(b)
+        shapes = {}
         for oname, _, _, odtype in self.outputs:
             shape = tuple(self.context.get_tensor_shape(oname))
-            view = self._host_view(oname, shape, odtype)
-            _check(cudart.cudaMemcpyAsync(self.host[oname], self.device[oname], view.nbytes, kind_d2h, self.stream))
-            results[oname] = view
-        _check(cudart.cudaStreamSynchronize(self.stream))
-        return {k: np.array(v, dtype=np.float32) for k, v in results.items()}
+            nbytes = int(np.prod(shape)) * np.dtype(odtype).itemsize
+            odev, ohost = self.buffers[oname]
+            self.mem.dtoh(ohost, odev, nbytes)
+            shapes[oname] = (shape, odtype, nbytes)
+        self.mem.synchronize()
+        return {n: self.buffers[n][1][:nb].view(dt).reshape(sh).astype(np.float32)
+                for n, (sh, dt, nb) in shapes.items()}
 
     def close(self) -> None:
-        for ptr in self.device.values():
-            self.cudart.cudaFree(ptr)
-        for ptr in self.host.values():
-            self.cudart.cudaFreeHost(ptr)
-        self.device, self.host = {}, {}
-        self.cudart.cudaStreamDestroy(self.stream)
+        self.mem.close()
