@@ -27,9 +27,20 @@ def _common(p: argparse.ArgumentParser, images: bool = True) -> None:
     if images:
         p.add_argument("--images", required=True, type=Path, help="folder of images, read in file-name order")
     p.add_argument("--batch-size", type=int, default=None, help="images per inference call (default: the bundle's opt batch)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads (default: all cores)")
+    _backend_args(p)
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image fails to decode")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime CPU threads (default: all cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="ONNX Runtime bundles: cuda uses the CUDA execution provider where present")
+    p.add_argument("--cuda-graph", action="store_true", help="TensorRT bundles: capture each batch size in a CUDA graph")
+
+
+def _open(bundle, args):
+    return open_backend(bundle, threads=args.threads, device=args.device, cuda_graph=args.cuda_graph)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--output", type=Path, help="results, one JSON line per frame")
     lo.add_argument("--ground-truth", type=Path, help="dataset folder: also print Recall@K of the results")
     lo.add_argument("--batch-size", type=int, default=None)
-    lo.add_argument("--threads", type=int, default=None)
+    _backend_args(lo)
 
     ev = sub.add_parser("evaluate", help="Recall@1/5/10/20 and latency on a dataset with ground truth")
     ev.add_argument("--bundle", required=True, type=Path)
@@ -76,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", default="auto", choices=("auto", "ours", "gmberton", "vprbench"))
     ev.add_argument("--rerank", type=int, default=0, metavar="K")
     ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--threads", type=int, default=None)
+    _backend_args(ev)
     ev.add_argument("--output", type=Path, help="write the results as JSON")
     ev.add_argument("--quiet", action="store_true")
     return p
@@ -84,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _encoder(args) -> Encoder:
     bundle = load_bundle(args.bundle)
-    return Encoder(bundle, open_backend(bundle, threads=args.threads), batch_size=args.batch_size)
+    return Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
 
 
 def _encode_folder(args, keep=("descriptor",)):
@@ -153,7 +164,7 @@ def cmd_localize(args) -> int:
     if bundle.batch_mode == "batched":
         print("warning: this bundle's descriptors depend on their batch-mates (CricaVPR batched mode); "
               "the loop's micro-batches change them. Prefer the -independent model for localization.", file=sys.stderr)
-    enc = Encoder(bundle, open_backend(bundle, threads=args.threads), batch_size=args.batch_size)
+    enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
     results: List[dict] = []
     writer = JsonlWriter(args.output) if args.output else None
 
@@ -203,7 +214,7 @@ def _loop_recall(results: List[dict], dataset_dir: Path, place_map) -> None:
 def cmd_evaluate(args) -> int:
     bundle = load_bundle(args.bundle)
     ds = load_dataset(args.dataset, args.format)
-    res = evaluate(bundle, ds, rerank=args.rerank, batch_size=args.batch_size, threads=args.threads,
+    res = evaluate(bundle, ds, rerank=args.rerank, batch_size=args.batch_size, backend=_open(bundle, args),
                    progress=not args.quiet)
     weights = " (RANDOM WEIGHTS: recall is meaningless)" if res["bundle"]["random_weights"] else ""
     print(f"{res['bundle']['model']} {res['bundle']['precision']} on {res['bundle']['backend']}{weights}")

@@ -41,12 +41,12 @@ def retrieve(queries: np.ndarray, database: np.ndarray, k: int, timer: Optional[
 
 
 def evaluate(bundle: Bundle, dataset: Dataset, rerank: int = 0, ks: Sequence[int] = KS,
-             batch_size: Optional[int] = None, threads: Optional[int] = None, progress: bool = False) -> dict:
+             batch_size: Optional[int] = None, backend=None, progress: bool = False) -> dict:
     local = rerank > 0
     if local and "local_features" not in bundle.outputs:
         raise ValueError(f"--rerank needs local features; {bundle.manifest['model']['name']} has none")
     timer = StageTimer()
-    encoder = Encoder(bundle, open_backend(bundle, threads=threads), batch_size=batch_size, timer=timer)
+    encoder = Encoder(bundle, backend or open_backend(bundle), batch_size=batch_size, timer=timer)
     keep = ("descriptor", "local_features") if local else ("descriptor",)
     db = encoder.encode_files(dataset.database, progress=progress, keep=keep)
     q = encoder.encode_files(dataset.queries, progress=progress, keep=keep)
