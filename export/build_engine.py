@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as a script: python export/build_engine.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -117,7 +119,14 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
         step(f"FP16 graph with {len(islands)} FP32 island nodes (LayerNorm, softmax, Sinkhorn, L2 norms)")
         save_onnx(to_fp16(graph), fp32_path)
     del graph
+    calibration = None
+    if args.precision == "int8":
+        calibration = _quantize(args, cfg.preprocessing, fp32_path, islands, implicit=weak_trt and args.trt_calibrator)
 
+    if args.precision != "fp32":  # the graph that ships is checked too
+        from export.onnx_export import check_onnx
+        check_onnx(fp32_path)
+        check_graph(str(fp32_path), target)
     specs = io_specs(fp32_path)
     checks = {"onnx_checker": True, "tensorrt_static_check": target, "onnx_ops": ops}
     if not args.skip_parity:
@@ -141,8 +150,37 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
     }
     if split:
         manifest["split"] = split
+    if calibration:
+        manifest["calibration"] = calibration
+        if "integer_ops" in calibration:
+            checks["onnxruntime_integer_ops"] = calibration["integer_ops"]
     step(f"exported in {time.time() - t:.1f} s")
     return manifest
+
+
+def _quantize(args, pre, onnx_path: Path, islands, implicit: bool) -> dict:
+    """INT8: the calibration set from real images, then the Q/DQ graph (or, for TensorRT 8.x's
+    implicit calibrator, the FP32 graph plus the set kept for the builder)."""
+    from calibration.dataset import calibration_set
+    from calibration.quantize import integer_ops, quantize_onnx
+
+    t = step(f"calibration set: {args.calibration_count} images from {', '.join(map(str, args.calibration_images))}")
+    data = calibration_set(args.calibration_images, pre, args.calibration_count, args.calibration_seed)
+    args.calibration_data = data
+    if implicit:
+        return {"mode": "implicit", "images": int(len(data)), "method": "entropy (IInt8EntropyCalibrator2)"}
+    step(f"{len(data)} images ready in {time.time() - t:.1f} s; calibrating ({args.calibration_method}) "
+         "and writing the Q/DQ graph")
+    fp32 = onnx_path.with_name("model_fp32.onnx")
+    os.replace(onnx_path, fp32)
+    facts = quantize_onnx(fp32, onnx_path, data, args.calibration_method, exclude=islands)
+    fp32.unlink()
+    facts["mode"] = "explicit Q/DQ"
+    facts["integer_ops"] = integer_ops(onnx_path)
+    if not facts["integer_ops"]:
+        print("warning: ONNX Runtime runs no integer kernel for this graph (dequantised FP32 everywhere)", file=sys.stderr)
+    step(f"Q/DQ graph: {facts['quantize_nodes']} QuantizeLinear; ONNX Runtime integer kernels: {facts['integer_ops']}")
+    return facts
 
 
 def _trt_strongly_typed() -> bool:
@@ -186,11 +224,19 @@ def add_engine(args, staging: Path, manifest: dict) -> None:
 
     t = step(f"building TensorRT {tensorrt_version()} engine ({manifest['precision']}, batch "
              f"{manifest['batch']['min']}:{manifest['batch']['opt']}:{manifest['batch']['max']})")
+    calibrator = None
+    if manifest.get("calibration", {}).get("mode") == "implicit":
+        from calibration.trt_calibrator import CACHE_NAME, make_entropy_calibrator
+        h, w = manifest["preprocessing"]["size"]
+        data = getattr(args, "calibration_data", None)
+        calibrator = make_entropy_calibrator(data if data is not None else np.zeros((0, 3, h, w), np.float32),
+                                             staging / CACHE_NAME)
     facts = build_engine(staging / "model.onnx", staging / "engine.plan", next(iter(manifest["inputs"])),
                          manifest["preprocessing"]["size"], manifest["batch"], manifest["precision"],
                          manifest["export"].get("fp32_nodes", []), workspace=args.workspace,
                          timing_cache=args.timing_cache, opt_level=args.opt_level,
-                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
+                         calibrator=calibrator)
     manifest["tensorrt"] = facts
     step(f"engine built in {time.time() - t:.1f} s")
 
@@ -201,6 +247,8 @@ def finish(staging: Path, output: Path, manifest: dict) -> None:
         manifest["files"]["onnx_data"] = file_entry(staging / "model.onnx.data")
     if (staging / "engine.plan").exists():
         manifest["files"]["engine"] = file_entry(staging / "engine.plan")
+    if (staging / "calibration.cache").exists():
+        manifest["files"]["calibration_cache"] = file_entry(staging / "calibration.cache")
     if manifest["backend"] == "onnxruntime":
         manifest["onnxruntime"] = {"graph_optimization": "ORT_ENABLE_ALL, applied at session creation (portable)"}
     manifest["build"] = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -223,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seeded random weights, labelled as such in the manifest: for tests and benchmarks")
     p.add_argument("--image-size", type=int, help="square input size, multiple of 14 (default: the model's official one)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",
-                   help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands); int8 (calibration)")
+                   help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands); "
+                        "int8 (Q/DQ graph calibrated on --calibration-images)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
                    help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU)")
     p.add_argument("--batch", type=parse_batch, default=None, metavar="MIN:OPT:MAX",
@@ -238,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT builder optimisation level (default: TensorRT's, 3)")
     p.add_argument("--version-compatible", action="store_true", help="engine that later TensorRT versions can run")
     p.add_argument("--hardware-compatible", action="store_true", help="engine for any Ampere-or-newer GPU")
+    p.add_argument("--calibration-images", type=Path, nargs="+", metavar="DIR",
+                   help="int8: folders of real place images to calibrate on (sampled over each whole sequence)")
+    p.add_argument("--calibration-count", type=int, default=500,
+                   help="int8: calibration images (default 500, NVIDIA's advice for ViTs; fewer warn)")
+    p.add_argument("--calibration-method", choices=("entropy", "minmax", "percentile"), default="entropy",
+                   help="int8: how activation ranges are chosen (default entropy)")
+    p.add_argument("--calibration-seed", type=int, default=0, help="int8: sampling seed")
+    p.add_argument("--trt-calibrator", action="store_true",
+                   help="int8 on TensorRT 8.x: implicit calibration (IInt8EntropyCalibrator2, cache kept in the "
+                        "bundle) instead of the Q/DQ graph")
     p.add_argument("--split", action="store_true",
                    help="SALAD only: end the graph before the optimal transport; the runtime's numpy Sinkhorn "
                         "finishes the descriptor (keeps exp/log-sum-exp out of reduced-precision engines)")
@@ -252,8 +311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.model and not (args.checkpoint or args.random_weights):
         parser.error("--model needs --checkpoint PATH|URL or --random-weights")
-    if args.precision == "int8":
-        parser.error("--precision int8 needs calibration on real images, which this version does not provide yet")
+    if args.precision == "int8" and args.model and not args.calibration_images:
+        parser.error("--precision int8 needs --calibration-images DIR (real place images, e.g. the map's own)")
     args.batch_given = args.batch is not None
     if args.batch is None:
         args.batch = parse_batch("1:8:32")

@@ -64,7 +64,7 @@ def build_engine(onnx_path: Path, engine_path: Path, input_name: str, image_size
                  precision: str, fp32_nodes: Iterable[str] = (), workspace: Optional[int] = None,
                  timing_cache: Optional[Path] = None, opt_level: Optional[int] = None,
                  version_compatible: bool = False, hardware_compatible: bool = False,
-                 verbose: bool = False) -> dict:
+                 calibrator=None, verbose: bool = False) -> dict:
     """Build and serialise an engine; returns the facts the manifest records."""
     import tensorrt as trt
 
@@ -98,10 +98,14 @@ def build_engine(onnx_path: Path, engine_path: Path, input_name: str, image_size
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
 
     pinned = 0
-    if precision == "fp16" and not strongly_typed:
+    if precision in ("fp16", "int8") and not strongly_typed:
         if not caps["fp16_flag"]:
             raise TensorRTBuildError("FP16 needs a strongly typed network or the FP16 builder flag; this TensorRT has neither")
         config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":  # a Q/DQ graph (explicit), or an FP32 graph with the calibrator (implicit)
+            config.set_flag(trt.BuilderFlag.INT8)
+            if calibrator is not None:
+                config.int8_calibrator = calibrator
         if caps["precision_constraints"]:
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         is_island = _island_matcher(fp32_nodes)
@@ -113,13 +117,13 @@ def build_engine(onnx_path: Path, engine_path: Path, input_name: str, image_size
                     if layer.get_output(j).dtype in (trt.float32, trt.float16):
                         layer.set_output_type(j, trt.float32)
                 pinned += 1
-    elif precision == "int8" and not strongly_typed:
-        raise TensorRTBuildError("INT8 on a weakly typed TensorRT needs the calibrator path, not available in this build")
 
     h, w = image_size
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, (batch["min"], 3, h, w), (batch["opt"], 3, h, w), (batch["max"], 3, h, w))
     config.add_optimization_profile(profile)
+    if calibrator is not None and hasattr(config, "set_calibration_profile"):
+        config.set_calibration_profile(profile)
 
     if timing_cache is not None:
         data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
@@ -139,5 +143,6 @@ def build_engine(onnx_path: Path, engine_path: Path, input_name: str, image_size
         "version_compatible": version_compatible,
         "hardware_compatibility": "ampere_plus" if hardware_compatible else "none",
         "builder_optimization_level": opt_level, "workspace": workspace,
+        "int8": ("implicit (IInt8EntropyCalibrator2)" if calibrator is not None else "explicit Q/DQ") if precision == "int8" else None,
         "profile": dict(batch), "capabilities": caps,
     }

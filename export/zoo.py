@@ -56,5 +56,11 @@ def create_model(model: Union[str, ModelConfig], checkpoint: Optional[str] = Non
     if checkpoint is not None:
         info = load_checkpoint(net, cfg, checkpoint, cache_dir)
     else:
-        info = {"random_weights": True, "seed": seed}
+        # timm initialises LayerScale at 1e-5, which makes every block almost a no-op; trained
+        # DINOv2 gammas are of order 0.1, so random-weight models (tests, benchmarks) use that
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.endswith((".ls1.gamma", ".ls2.gamma")):
+                    p.fill_(0.1)
+        info = {"random_weights": True, "seed": seed, "layer_scale": 0.1}
     return net.eval(), cfg, info

@@ -1,0 +1,111 @@
+"""The INT8 path on CPU with real images: calibration sets, Q/DQ graphs that ONNX Runtime runs
+with integer kernels, and the precision report (random weights: agreement and cosine matter)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from calibration.dataset import calibration_set, sample_files
+from reference import DATA, ROOT
+from runtime.preprocess import Preprocessing
+from test_runtime_no_torch import BLOCKER
+
+CORRIDOR = DATA / "vprbench_corridor"
+NORDLAND = DATA / "nordland_summer_winter_64x32"
+
+
+def test_sampling_spreads_over_the_whole_sequence_and_is_seeded(tmp_path):
+    for i in range(100):
+        Image.new("RGB", (4, 4)).save(tmp_path / f"{i:03d}.png")
+    picks = [int(p.stem) for p in sample_files([tmp_path], 10, seed=0)]
+    assert [p // 10 for p in picks] == list(range(10))  # one per tenth of the sequence
+    assert picks == [int(p.stem) for p in sample_files([tmp_path], 10, seed=0)]
+    assert picks != [int(p.stem) for p in sample_files([tmp_path], 10, seed=1)]
+    assert len(sample_files([tmp_path], 500)) == 100
+
+
+def test_calibration_set_is_preprocessed_cached_and_skips_bad_files(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for f in sorted(CORRIDOR.joinpath("database").iterdir())[:6]:
+        shutil.copy(f, folder / f.name)
+    (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    pre = Preprocessing(size=(28, 28))
+    data = calibration_set([folder], pre, count=7, cache_dir=tmp_path / "cache")
+    assert data.shape == (6, 3, 28, 28) and "zz_broken.jpg" in capsys.readouterr().err
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1
+    again = calibration_set([folder], pre, count=7, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(data))
+    assert isinstance(again, np.memmap)
+
+
+def _build(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "export" / "build_engine.py"), *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("int8")
+    common = ["--model", "gem-dinov2-vits14", "--random-weights", "--depth", "2", "--batch", "1:8:16", "--skip-parity"]
+    _build(*common, "--precision", "fp32", "--output", root / "fp32")
+    _build(*common, "--precision", "fp16", "--output", root / "fp16")
+    _build(*common, "--precision", "int8", "--calibration-images", CORRIDOR / "database", NORDLAND / "database",
+           "--calibration-count", "64", "--output", root / "int8")
+    return root
+
+
+def test_int8_bundle_runs_integer_kernels_and_passes_the_checks(bundles):
+    m = json.loads((bundles / "int8" / "manifest.json").read_text())
+    assert m["precision"] == "int8" and m["calibration"]["mode"] == "explicit Q/DQ"
+    assert m["calibration"]["images"] == 64 and m["calibration"]["method"] == "entropy"
+    assert sum(m["checks"]["onnxruntime_integer_ops"].values()) >= 8  # integer kernels, not dequantised FP32
+    graph = onnx.load(str(bundles / "int8" / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization"} <= ops
+    # LayerNorm, softmax and the L2 normalisations stay FP32: nothing quantizes their inputs
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    for n in graph.graph.node:
+        if n.op_type in ("LayerNormalization", "Softmax", "ReduceL2"):
+            assert producers.get(n.input[0]) is None or producers[n.input[0]].op_type != "DequantizeLinear", n.name
+
+
+def test_precision_report_agreement_and_cosine(bundles, tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "calibration", "report", "--bundle", bundles / "fp32",
+                           "--bundle", bundles / "fp16", "--bundle", bundles / "int8", "--dataset", CORRIDOR,
+                           "--output", out], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| int8 |" in proc.stdout and "RANDOM WEIGHTS" in proc.stdout
+    rows = {r["precision"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["fp16"]["cosine_to_fp32"]["min"] >= 0.999 and rows["fp16"]["top1_agreement"] >= 0.98
+    assert rows["int8"]["cosine_to_fp32"]["p1"] >= 0.999 and rows["int8"]["top1_agreement"] >= 0.95
+    assert (bundles / "int8" / "precision_report.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_standalone_quantize_is_torch_free(bundles, tmp_path, method):
+    out = tmp_path / f"int8-{method}"
+    code = BLOCKER.split("import importlib\nfor m")[0] + (
+        "import sys, runpy; sys.argv = ['calibration', 'quantize', '--bundle', %r, '--calibration-images', %r, "
+        "'--count', '16', '--method', %r, '--output', %r]; runpy.run_module('calibration', run_name='__main__')"
+        % (str(bundles / "fp32"), str(CORRIDOR / "database"), method, str(out)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["calibration"]["method"] == method and m["checks"]["onnxruntime_integer_ops"]
+
+
+def test_int8_without_calibration_images_is_refused():
+    proc = subprocess.run([sys.executable, str(ROOT / "export" / "build_engine.py"), "--model", "gem-dinov2-vits14",
+                           "--random-weights", "--precision", "int8"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--calibration-images" in proc.stderr
