@@ -93,7 +93,30 @@ def read_manifest(folder: Union[str, Path]) -> dict:
         Preprocessing.from_dict(manifest["preprocessing"])
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"{path}: malformed preprocessing entry ({exc}); rebuild the bundle") from exc
+    problem = _structure_problem(manifest)
+    if problem:
+        raise BundleError(f"{path}: malformed manifest ({problem}); rebuild the bundle")
     return manifest
+
+
+def _structure_problem(m: dict) -> Optional[str]:
+    for key in ("model", "inputs", "outputs", "batch", "files", "weights"):
+        if not isinstance(m[key], dict):
+            return f"{key} is not an object"
+    if not m["inputs"] or not m["outputs"]:
+        return "no inputs or no outputs"
+    b = m["batch"]
+    if not all(isinstance(b.get(k), int) for k in ("min", "opt", "max")) or not 1 <= b["min"] <= b["opt"] <= b["max"]:
+        return f"batch profile {b!r} is not 1 <= min <= opt <= max"
+    if "onnx" not in m["files"]:
+        return "no onnx file listed"
+    for role, e in m["files"].items():
+        if not (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("size"), int)
+                and isinstance(e.get("sha256"), str)):
+            return f"file entry {role!r} needs name, size and sha256"
+        if Path(e["name"]).name != e["name"] or e["name"] in ("", ".", ".."):
+            return f"file name {e['name']!r} is not a plain name inside the bundle"
+    return None
 
 
 def verify_files(folder: Path, manifest: dict) -> None:

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--output", type=Path, help="results, one JSON line per frame")
     lo.add_argument("--ground-truth", type=Path, help="dataset folder: also print Recall@K of the results")
     lo.add_argument("--batch-size", type=int, default=None)
+    lo.add_argument("--strict", action="store_true", help="exit non-zero if any frame fails to decode")
     _backend_args(lo)
 
     ev = sub.add_parser("evaluate", help="Recall@1/5/10/20 and latency on a dataset with ground truth")
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--format", default="auto", choices=("auto", "ours", "gmberton", "vprbench"))
     ev.add_argument("--rerank", type=int, default=0, metavar="K")
     ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--strict", action="store_true", help="exit non-zero if any image fails to decode")
     _backend_args(ev)
     ev.add_argument("--output", type=Path, help="write the results as JSON")
     ev.add_argument("--quiet", action="store_true")
@@ -169,6 +171,8 @@ def cmd_localize(args) -> int:
     writer = JsonlWriter(args.output) if args.output else None
 
     def on_result(r: dict) -> None:
+        if "error" in r:
+            print(f"error: {r['name']}: {r['error']}", file=sys.stderr)
         results.append(r)
         if writer:
             writer(r)
@@ -189,7 +193,7 @@ def cmd_localize(args) -> int:
     if stats.processed == 0:
         print("error: no frame could be processed", file=sys.stderr)
         return 1
-    return 0
+    return 1 if (args.strict and stats.failed) else 0
 
 
 def _loop_recall(results: List[dict], dataset_dir: Path, place_map) -> None:
@@ -225,10 +229,14 @@ def cmd_evaluate(args) -> int:
     else:
         print(format_recall(res["recall"]))
     print(res["latency_table"])
+    if res["failures"]:
+        print(f"{len(res['failures'])} images could not be read (listed above) and were left out", file=sys.stderr)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({k: v for k, v in res.items() if k != "latency_table"}, indent=2, default=list))
-    return 0 if res["queries"] else 1
+    if not res["queries"]:
+        return 1
+    return 1 if (args.strict and res["failures"]) else 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

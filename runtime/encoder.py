@@ -16,7 +16,7 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .bundle import Bundle
-from .preprocess import Preprocessing, load_rgb, preprocess_image
+from .preprocess import ImageDecodeError, Preprocessing, load_rgb, preprocess_image
 from .sinkhorn import salad_aggregate
 from .timing import StageTimer
 
@@ -37,6 +37,8 @@ def decode(path: Path, pre: Preprocessing) -> Decoded:
         img = load_rgb(path)
         t1 = time.perf_counter()
         arr = preprocess_image(img, pre)
+    except ImageDecodeError as exc:
+        return Decoded(Path(path), None, str(exc))
     except Exception as exc:  # noqa: BLE001 - any failure of one file is reported, not fatal
         return Decoded(Path(path), None, f"{type(exc).__name__}: {exc}")
     t2 = time.perf_counter()

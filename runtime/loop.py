@@ -9,8 +9,9 @@ is exceeded the loop degrades, in this order, and counts each step:
 1. **skip re-ranking** for a batch whose frames would otherwise exceed the budget;
 2. **smaller batches**: a batch that ran over the budget halves the batch size (it grows back by
    one after each batch finishing under half the budget);
-3. **drop stale frames**: a frame already older than the budget when its batch forms is dropped;
-   with a live source, a full queue drops its oldest frame to admit the newest.
+3. **drop stale frames**: a frame that cannot finish within the budget when its batch forms (its
+   age plus the running estimate of a batch's processing time) is dropped; with a live source, a
+   full queue drops its oldest frame to admit the newest.
 
 Every frame is accounted for: ``received = processed + dropped_stale + dropped_queue + failed``.
 """
@@ -70,6 +71,7 @@ class Localizer:
         self.timer = encoder.timer
         self.batch_size = encoder.batch_size
         self.rerank_ms = 0.0  # running estimate per frame
+        self.batch_ms = 0.0  # running estimate of one batch's processing time
 
     # -- reader ---------------------------------------------------------------------------------
     def _read(self, source: Iterable[Frame], q: "queue.Queue", live: bool) -> None:
@@ -132,7 +134,9 @@ class Localizer:
         if not self.cfg.budget_ms:
             return batch
         now = time.perf_counter()
-        keep = [f for f in batch if (now - f.arrival) * 1000 <= self.cfg.budget_ms]
+        # admission: a frame that cannot finish within the budget (its age plus the expected
+        # processing time of a batch) is dropped now rather than late
+        keep = [f for f in batch if (now - f.arrival) * 1000 + self.batch_ms <= self.cfg.budget_ms]
         for f in batch:
             if f not in keep:
                 self.stats.dropped_stale += 1
@@ -186,6 +190,8 @@ class Localizer:
             self.stats.processed += 1
             self.on_result(result)
         batch_ms = (time.perf_counter() - min(f.arrival for f in batch)) * 1000
+        work_ms = (time.perf_counter() - t_start) * 1000
+        self.batch_ms = work_ms if not self.batch_ms else 0.7 * self.batch_ms + 0.3 * work_ms
         if budget:
             if batch_ms > budget and self.batch_size > 1:
                 self.batch_size = max(1, self.batch_size // 2)

@@ -184,6 +184,20 @@ def _version_dirs(folder: Path) -> List[Path]:
     return sorted(p for p in folder.glob("v[0-9]*") if p.is_dir())
 
 
+def _meta_problem(meta: dict) -> Optional[str]:
+    files = meta.get("files")
+    if not isinstance(files, dict) or not {"descriptors.npy", "names.json", "index.faiss"} <= set(files):
+        return "the file list must name descriptors.npy, names.json and index.faiss"
+    for name, e in files.items():
+        if Path(name).name != name or not (isinstance(e, dict) and isinstance(e.get("size"), int)
+                                            and isinstance(e.get("sha256"), str)):
+            return f"bad file entry {name!r}"
+    if not isinstance(meta.get("bundle"), dict) or not isinstance(meta.get("index"), dict) \
+            or not isinstance(meta["index"].get("type"), str):
+        return "bundle identity or index description missing"
+    return None
+
+
 def load_map(folder: Union[str, Path], verify: bool = True) -> PlaceMap:
     folder = Path(folder)
     current = folder / "CURRENT"
@@ -193,20 +207,27 @@ def load_map(folder: Union[str, Path], verify: bool = True) -> PlaceMap:
     meta_path = version / "map.json"
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MapError(f"{meta_path}: unreadable map metadata ({exc}); rebuild the map") from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise MapError(f"{meta_path}: map format {meta.get('format_version')!r}, this runtime reads {FORMAT_VERSION}; rebuild the map")
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        got = meta.get("format_version") if isinstance(meta, dict) else None
+        raise MapError(f"{meta_path}: map format {got!r}, this runtime reads {FORMAT_VERSION}; rebuild the map")
+    problem = _meta_problem(meta)
+    if problem:
+        raise MapError(f"{meta_path}: malformed map metadata ({problem}); rebuild the map")
     if verify:
         for name, entry in meta["files"].items():
             f = version / name
             if not f.is_file() or f.stat().st_size != entry["size"] or sha256_file(f) != entry["sha256"]:
                 raise MapError(f"{f}: missing, truncated or corrupted (checksum mismatch); rebuild the map")
-    descriptors = np.load(version / "descriptors.npy", mmap_mode="r")
-    names = json.loads((version / "names.json").read_text())
-    index = faiss.read_index(str(version / "index.faiss"))
-    poses = np.load(version / "poses.npy") if (version / "poses.npy").exists() else None
-    local = np.load(version / "local.npy", mmap_mode="r") if (version / "local.npy").exists() else None
+    try:
+        descriptors = np.load(version / "descriptors.npy", mmap_mode="r", allow_pickle=False)
+        names = json.loads((version / "names.json").read_text())
+        index = faiss.read_index(str(version / "index.faiss"))
+        poses = np.load(version / "poses.npy", allow_pickle=False) if (version / "poses.npy").exists() else None
+        local = np.load(version / "local.npy", mmap_mode="r", allow_pickle=False) if (version / "local.npy").exists() else None
+    except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError on a bad index
+        raise MapError(f"{version}: unreadable map file ({exc}); rebuild the map") from exc
     if len(names) != descriptors.shape[0] or index.ntotal != len(names):
         raise MapError(f"{version}: {len(names)} names, {descriptors.shape[0]} descriptors, {index.ntotal} indexed; rebuild the map")
     return PlaceMap(folder, meta, descriptors, names, index, poses, local)
@@ -234,6 +255,8 @@ def save_map(folder: Union[str, Path], descriptors: np.ndarray, names: Sequence[
     index = _build_index(kind, descriptors)
 
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".v*.partial-*"):  # left by a save that was killed (one writer at a time)
+        shutil.rmtree(stale, ignore_errors=True)
     versions = _version_dirs(folder)
     number = int(versions[-1].name[1:]) + 1 if versions else 1
     version = folder / f"v{number:06d}"

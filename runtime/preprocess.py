@@ -14,12 +14,13 @@ see exactly the same tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Tuple, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,11 +50,46 @@ class Preprocessing:
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
 
 
+class ImageDecodeError(ValueError):
+    """An image file that cannot be used; the message says why (callers name the file)."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16-bit and float greyscale are scaled to 8 bits (Pillow's own
+    conversion would clip them); alpha is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
 def load_rgb(path: Union[str, Path]) -> Image.Image:
-    """Decode an image file as RGB, applying its EXIF orientation."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+    """Decode an image file as RGB, applying its EXIF orientation.
+
+    Raises ImageDecodeError with a one-line reason for: a missing or unreadable file, an empty
+    file, a file that is no image, truncated or corrupt data, and images over Pillow's
+    decompression-bomb limit (its warning counts as an error here)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"refused, larger than the decompression-bomb limit "
+                               f"({Image.MAX_IMAGE_PIXELS} pixels): {exc}") from None
+    except UnidentifiedImageError:
+        size = Path(path).stat().st_size if Path(path).exists() else 0
+        what = "empty file" if size == 0 else "not an image Pillow can read (unknown format or corrupt header)"
+        raise ImageDecodeError(what) from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise ImageDecodeError(f"cannot be read ({exc.strerror or exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"truncated or corrupt image data ({exc})") from None
 
 
 def _normalise(chw: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -120,4 +156,6 @@ def list_images(folder: Union[str, Path]) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # links are listed even when broken: a missing target is reported, not silently skipped
+    return sorted(p for p in folder.iterdir()
+                  if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -44,7 +44,7 @@ class FolderSource:
             try:
                 image = load_rgb(path)
             except Exception as exc:  # noqa: BLE001 - a bad file is reported, the stream goes on
-                yield Frame(i, path.name, arrival, None, f"{type(exc).__name__}: {exc}")
+                yield Frame(i, path.name, arrival, None, str(exc))
                 continue
             yield Frame(i, path.name, arrival, image, decode_ms=(time.perf_counter() - arrival) * 1000)
 
