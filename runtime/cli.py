@@ -1,4 +1,4 @@
-"""``python -m runtime``: encode, map build/add/info, localize, evaluate. Torch-free."""
+"""``python -m runtime``: encode, map build/add/info, localize, evaluate, profile. Torch-free."""
 from __future__ import annotations
 
 import argparse
@@ -92,7 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_args(ev)
     ev.add_argument("--output", type=Path, help="write the results as JSON")
     ev.add_argument("--quiet", action="store_true")
+    pr = sub.add_parser("profile", help="per-stage latency percentiles, throughput and memory per batch size")
+    pr.add_argument("--bundle", required=True, type=Path)
+    pr.add_argument("--batch", default="1,2,4,8", help="comma-separated batch sizes (default 1,2,4,8)")
+    pr.add_argument("--iterations", type=int, default=20, help="timed iterations per batch size")
+    pr.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    pr.add_argument("--images", type=Path, help="real images to feed (default: random tensors; decode not timed)")
+    pr.add_argument("--map-size", type=int, default=10000, help="descriptors in the synthetic search map")
+    pr.add_argument("--rerank", type=int, default=0, metavar="K", help="time re-ranking of K candidates (SelaVPR)")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--output", type=Path, default=Path("out/profile"), help="folder for profile.json/.md/.png")
     return p
+
+
+def cmd_profile(args) -> int:
+    from .profile import markdown, profile_bundle, write
+
+    try:
+        batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+    report = profile_bundle(load_bundle(args.bundle), batches, args.iterations, args.warmup, args.images,
+                            args.map_size, args.rerank, args.threads)
+    print(markdown(report))
+    print("wrote " + ", ".join(str(p) for p in write(report, args.output)))
+    return 0
 
 
 def _encoder(args) -> Encoder:
@@ -241,7 +265,8 @@ def cmd_evaluate(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"encode": cmd_encode, "map": cmd_map, "localize": cmd_localize, "evaluate": cmd_evaluate}[args.command]
+    handler = {"encode": cmd_encode, "map": cmd_map, "localize": cmd_localize, "evaluate": cmd_evaluate,
+               "profile": cmd_profile}[args.command]
     try:
         return handler(args)
     except EXPECTED_ERRORS as exc:

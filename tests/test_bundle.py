@@ -81,3 +81,31 @@ def test_tensorrt_buffer_planning_without_a_gpu():
     assert sizes == {"images": 8 * 3 * 322 * 322 * 4, "descriptor": 8 * 8448 * 4, "local_features": 8 * 61 * 61 * 128 * 2}
     with pytest.raises(BundleError, match="dynamic axis other than the batch"):
         plan_buffers([("x", True, (-1, 3, -1, 224), np.dtype(np.float32))], 4)
+
+
+def test_profile_command_writes_json_markdown_and_plot(tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+
+    from reference import DATA, ROOT
+    folder = make_bundle(tmp_path / "b")
+    out = tmp_path / "prof"
+    proc = subprocess.run([sys.executable, "-m", "runtime", "profile", "--bundle", str(folder), "--batch", "1,2,9",
+                           "--iterations", "4", "--warmup", "2", "--images", str(DATA / "vprbench_corridor" / "queries"),
+                           "--map-size", "500", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping batch 9" in proc.stderr  # outside the bundle's 1..4 profile
+    report = _json.loads((out / "profile.json").read_text())
+    assert set(report["batches"]) == {"1", "2"} and report["warmup_excluded"] == 2
+    for r in report["batches"].values():
+        for s in r["stages"].values():
+            assert s["p50"] <= s["p95"] <= s["p99"] <= s["max"]
+        assert r["images_per_s"] > 0 and {"inference", "search"} <= set(r["stages"])
+    assert report["per_image"]["decode"]["n"] > 0 and report["peak_rss_mb"] > 0
+    assert "| 2 | inference |" in (out / "profile.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "profile.png").read_bytes()[:4] == b"\x89PNG"

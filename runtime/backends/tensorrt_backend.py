@@ -8,6 +8,7 @@ and replayed (after a first uncaptured run, as trtexec does); the copies stay ou
 """
 from __future__ import annotations
 
+import time
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -59,6 +60,36 @@ class TensorRTBackend(Backend):
             self.context.set_tensor_address(name, self.buffers[name][0])
         self.cuda_graph = cuda_graph and self.mem.name == "cuda-python"
         self.graphs: Dict[int, object] = {}
+        self.profiler = None
+        self.last_timings: Dict[str, float] = {}
+
+    def enable_profiling(self) -> None:
+        """Time h2d / inference / d2h separately (a synchronisation after each) and collect
+        TensorRT's per-layer times through an IProfiler. Not for production: it costs latency."""
+        import tensorrt as trt
+
+        class LayerProfiler(trt.IProfiler):
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+                self.total: Dict[str, float] = {}
+                self.calls: Dict[str, int] = {}
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:
+                self.total[layer_name] = self.total.get(layer_name, 0.0) + ms
+                self.calls[layer_name] = self.calls.get(layer_name, 0) + 1
+
+        self.cuda_graph = False  # a profiled context cannot be captured
+        self.profiler = LayerProfiler()
+        self.context.profiler = self.profiler
+
+    def layer_times(self) -> Dict[str, float]:
+        if self.profiler is None:
+            return {}
+        return {k: v / self.profiler.calls[k] for k, v in self.profiler.total.items()}
+
+    def device_memory_bytes(self) -> int:
+        size = getattr(self.engine, "device_memory_size_v2", None)  # TensorRT 10+
+        return int(size if size is not None else getattr(self.engine, "device_memory_size", 0))
 
     def _enqueue(self, batch: int) -> None:
         if not self.cuda_graph:
@@ -82,8 +113,15 @@ class TensorRTBackend(Backend):
         dev, host = self.buffers[name]
         data = np.ascontiguousarray(images, dtype=dtype)
         host[:data.nbytes] = data.view(np.uint8).reshape(-1)
+        t0 = time.perf_counter()
         self.mem.htod(dev, host, data.nbytes)
+        if self.profiler is not None:
+            self.mem.synchronize()
+        t1 = time.perf_counter()
         self._enqueue(b)
+        if self.profiler is not None:
+            self.mem.synchronize()
+        t2 = time.perf_counter()
         shapes = {}
         for oname, _, _, odtype in self.outputs:
             shape = tuple(self.context.get_tensor_shape(oname))
@@ -92,6 +130,9 @@ class TensorRTBackend(Backend):
             self.mem.dtoh(ohost, odev, nbytes)
             shapes[oname] = (shape, odtype, nbytes)
         self.mem.synchronize()
+        if self.profiler is not None:
+            t3 = time.perf_counter()
+            self.last_timings = {"h2d": (t1 - t0) * 1000, "inference": (t2 - t1) * 1000, "d2h": (t3 - t2) * 1000}
         return {n: self.buffers[n][1][:nb].view(dt).reshape(sh).astype(np.float32)
                 for n, (sh, dt, nb) in shapes.items()}
 
