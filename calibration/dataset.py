@@ -70,6 +70,9 @@ def calibration_set(folders: Sequence[Union[str, Path]], pre: Preprocessing, cou
         arrays.append(d.image)
     if not arrays:
         raise ValueError("no calibration image could be decoded")
+    if len(arrays) < len(files):
+        print(f"{len(files) - len(arrays)} of {len(files)} calibration images could not be read; "
+              f"calibrating on {len(arrays)}", file=sys.stderr)
     data = np.stack(arrays).astype(np.float32)
     if path is None:
         return data

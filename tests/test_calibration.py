@@ -37,7 +37,8 @@ def test_calibration_set_is_preprocessed_cached_and_skips_bad_files(tmp_path, ca
     (folder / "zz_broken.jpg").write_bytes(b"\xff\xd8 truncated")
     pre = Preprocessing(size=(28, 28))
     data = calibration_set([folder], pre, count=7, cache_dir=tmp_path / "cache")
-    assert data.shape == (6, 3, 28, 28) and "zz_broken.jpg" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert data.shape == (6, 3, 28, 28) and "zz_broken.jpg" in err and "1 of 7 calibration images" in err
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1
     again = calibration_set([folder], pre, count=7, cache_dir=tmp_path / "cache")
