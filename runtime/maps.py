@@ -103,7 +103,8 @@ def _build_index(kind: str, x: np.ndarray) -> faiss.Index:
         pca = faiss.PCAMatrix(d, pq_dim)
         ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(pq_dim), pq_dim, nlist, pq_dim // 8, 8, faiss.METRIC_INNER_PRODUCT)
         index = faiss.IndexPreTransform(pca, ivf)
-        index.train(x)
+        sample = np.sort(np.random.default_rng(0).choice(n, min(n, 50_000), replace=False))
+        index.train(np.ascontiguousarray(x[sample]))  # a seeded sample: training cost stays bounded
         faiss.extract_index_ivf(index).nprobe = min(16, nlist)
     if not index.is_trained:
         index.train(x)
