@@ -14,8 +14,8 @@ old map or the new one, never a mix. Loading verifies every file's size and sha2
 
 Index choice (``auto``) from the map's size and the memory budget: Flat inner product while it
 fits (and the map is small enough for brute force), HNSW for large maps that fit, SQfp16 when
-only half fits, else PCA + IVF-PQ whose shortlist is re-ranked exactly from the memory-mapped
-descriptors (shared/research/env-probe.md §5: IVF-PQ alone reaches recall 0.14 at 8448-D, with
+only half fits, else PCA (randomized SVD) + IVF-PQ whose shortlist is re-ranked exactly from the
+memory-mapped descriptors (shared/research/env-probe.md §5: IVF-PQ alone reaches recall 0.14 at 8448-D, with
 the exact re-rank 0.99).
 """
 from __future__ import annotations
@@ -87,6 +87,32 @@ def choose_index(n: int, d: int, budget: Optional[int], requested: str = "auto")
     return "ivfpq"
 
 
+def _pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
+    """PCA to ``k`` dimensions by a randomized SVD (Halko et al. 2011: range finder with two power
+    iterations): seconds at 8448-D, where faiss's PCAMatrix eigen-decomposes the full d x d
+    covariance on one thread (many minutes)."""
+    n, d = x.shape
+    if k >= d:
+        a, b = np.eye(d, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    else:
+        mean = x.mean(axis=0)
+        xc = x - mean
+        rng = np.random.default_rng(0)
+        y = xc @ rng.standard_normal((d, min(d, k + 16))).astype(np.float32)
+        for _ in range(2):
+            y, _ = np.linalg.qr(y)
+            y = xc @ (xc.T @ y)
+        q, _ = np.linalg.qr(y)
+        _, _, vt = np.linalg.svd(q.T @ xc, full_matrices=False)
+        a = np.ascontiguousarray(vt[:k], dtype=np.float32)
+        b = (-a @ mean).astype(np.float32)
+    lt = faiss.LinearTransform(d, a.shape[0], True)
+    faiss.copy_array_to_vector(a.ravel(), lt.A)
+    faiss.copy_array_to_vector(b, lt.b)
+    lt.is_trained = True
+    return lt
+
+
 def _build_index(kind: str, x: np.ndarray) -> faiss.Index:
     n, d = x.shape
     if kind == "flat":
@@ -100,11 +126,10 @@ def _build_index(kind: str, x: np.ndarray) -> faiss.Index:
     else:
         pq_dim = min(d, 256)
         nlist = int(min(max(8, 4 * math.sqrt(n)), max(8, n // 39)))
-        pca = faiss.PCAMatrix(d, pq_dim)
+        sample = np.ascontiguousarray(x[np.sort(np.random.default_rng(0).choice(n, min(n, 50_000), replace=False))])
         ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(pq_dim), pq_dim, nlist, pq_dim // 8, 8, faiss.METRIC_INNER_PRODUCT)
-        index = faiss.IndexPreTransform(pca, ivf)
-        sample = np.sort(np.random.default_rng(0).choice(n, min(n, 50_000), replace=False))
-        index.train(np.ascontiguousarray(x[sample]))  # a seeded sample: training cost stays bounded
+        index = faiss.IndexPreTransform(_pca_transform(sample, pq_dim), ivf)
+        index.train(sample)  # a seeded sample: training cost stays bounded
         faiss.extract_index_ivf(index).nprobe = min(16, nlist)
     if not index.is_trained:
         index.train(x)
