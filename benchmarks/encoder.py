@@ -27,8 +27,16 @@ from runtime.preprocess import list_images, preprocess_file
 model, cfg, _ = create_model({model!r}, checkpoint={checkpoint!r}, random_weights={random!r}, image_size={size!r})
 files = list_images({images!r})[:{batch}]
 x = torch.from_numpy(np.stack([preprocess_file(f, cfg.preprocessing) for f in files]))
+cuda = {cuda!r}
+if cuda:
+    model, x = model.cuda(), x.cuda()
 def run():
     with torch.inference_mode():
+        if cuda:  # the authors' own reference: CUDA FP16 autocast
+            with torch.autocast("cuda", dtype=torch.float16):
+                out = model(x)["descriptor"].float()
+            torch.cuda.synchronize()
+            return out.cpu()
         if {bf16!r}:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(x)["descriptor"].float()
@@ -56,8 +64,18 @@ times = []
 for _ in range({iterations}):
     t = time.perf_counter(); out = backend.run(x); times.append(time.perf_counter() - t)
 np.save({out!r}, out["descriptor"])
-print(json.dumps({{"median_s": float(np.median(times)), "p90_s": float(np.percentile(times, 90)), "providers": backend.providers}}))
+print(json.dumps({{"median_s": float(np.median(times)), "p90_s": float(np.percentile(times, 90)), "providers": getattr(backend, "providers", backend.name)}}))
 """
+
+
+def cuda_available() -> bool:
+    from runtime.trt_env import gpu_info
+    return gpu_info() is not None
+
+
+def tensorrt_usable() -> bool:
+    from runtime.trt_env import tensorrt_usable as usable
+    return usable()
 
 
 def bf16_supported() -> bool:
@@ -94,11 +112,13 @@ def main() -> int:
                   warmup=args.warmup, iterations=args.iterations)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        torch_cfgs = [("pytorch-fp32", False)] + ([("pytorch-bf16-autocast", True)] if bf16_supported() else [])
-        for label, bf16 in torch_cfgs:
+        torch_cfgs = [("pytorch-fp32", False, False)] + ([("pytorch-bf16-autocast", True, False)] if bf16_supported() else [])
+        if cuda_available():
+            torch_cfgs.append(("pytorch-cuda-fp16-autocast", False, True))
+        for label, bf16, cuda in torch_cfgs:
             results[label] = run_python(TORCH.format(model=args.model, checkpoint=args.checkpoint,
                                                      random=not args.checkpoint, size=args.image_size, bf16=bf16,
-                                                     out=str(tmp / f"{label}.npy"), **common))
+                                                     cuda=cuda, out=str(tmp / f"{label}.npy"), **common))
         for prec in args.precisions.split(","):
             extra = list(size)
             if prec == "int8":
@@ -109,11 +129,23 @@ def main() -> int:
             build(args.model, weights, prec, tmp / prec, extra)
             results[f"onnxruntime-{prec}"] = run_python(ORT.format(bundle=str(tmp / prec), out=str(tmp / f"ort-{prec}.npy"),
                                                                    **common))
+            if tensorrt_usable():  # on a GPU machine: the same bundle as a TensorRT engine
+                trt_dir = tmp / f"trt-{prec}"
+                subprocess.run([sys.executable, str(ROOT / "export" / "build_engine.py"), "--from-bundle", str(tmp / prec),
+                                "--backend", "tensorrt", "--output", str(trt_dir)], cwd=ROOT, check=True,
+                               capture_output=True)
+                results[f"tensorrt-{prec}"] = run_python(ORT.format(bundle=str(trt_dir), out=str(tmp / f"ort-trt{prec}.npy"),
+                                                                    **common))
         import numpy as np
         ref = np.load(tmp / "pytorch-fp32.npy")
         base = results["pytorch-fp32"]["median_s"]
         for label, r in results.items():
-            out = np.load(tmp / (f"{label}.npy" if label.startswith("pytorch") else f"ort-{label.split('-')[1]}.npy"))
+            if label.startswith("pytorch"):
+                out = np.load(tmp / f"{label}.npy")
+            elif label.startswith("tensorrt"):
+                out = np.load(tmp / f"ort-trt{label.split('-')[1]}.npy")
+            else:
+                out = np.load(tmp / f"ort-{label.split('-')[1]}.npy")
             cos = float(((out * ref).sum(-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))).min())
             r.update(images_per_s=args.batch / r["median_s"], ratio_to_pytorch_fp32=base / r["median_s"], min_cosine_to_fp32=cos)
             rows.append([label, args.batch, r["median_s"] * 1000 / args.batch, r["images_per_s"], r["ratio_to_pytorch_fp32"], cos])
