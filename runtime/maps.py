@@ -13,10 +13,13 @@ rename), then replaces ``CURRENT``: a reader, or a save killed at any moment, se
 old map or the new one, never a mix. Loading verifies every file's size and sha256.
 
 Index choice (``auto``) from the map's size and the memory budget: Flat inner product while it
-fits (and the map is small enough for brute force), HNSW for large maps that fit, SQfp16 when
-only half fits, else PCA (randomized SVD) + IVF-PQ whose shortlist is re-ranked exactly from the
-memory-mapped descriptors (shared/research/env-probe.md §5: IVF-PQ alone reaches recall 0.14 at 8448-D, with
-the exact re-rank 0.99).
+fits and the map is small enough for brute force (100k); otherwise PCA (randomized SVD) + IVF-PQ
+whose shortlist is re-ranked exactly from the memory-mapped descriptors; SQfp16 for a small map
+over budget. Measured on clustered data (BENCHMARKS.md §5): IVF-PQ + exact re-rank keeps recall@1
+0.975-1.0 against exact search at 8 ms per query and 14 MB for 100k x 8448, where HNSW (M 32,
+efSearch 64) fell to 0.59-0.70 at 100k and SQfp16 to 0.81-0.97 among near-duplicate views;
+shared/research/env-probe.md §5 found IVF-PQ alone at recall 0.14 at 8448-D. HNSW and SQfp16
+stay available with ``--index``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from .files import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
 INDEX_TYPES = ("flat", "sqfp16", "hnsw", "ivfpq")
-FLAT_MAX = 100_000  # above this, brute force costs > 0.3 s per 8448-D query on 2 cores
+FLAT_MAX = 100_000  # above this, brute force costs > 0.2 s per 8448-D query on 2 cores (BENCHMARKS.md §5)
+IVFPQ_MIN = 1000  # IVF-PQ needs this many vectors to train
 HNSW_M = 32
 
 
@@ -80,11 +84,9 @@ def choose_index(n: int, d: int, budget: Optional[int], requested: str = "auto")
     budget = budget if budget is not None else 1 << 62
     if index_bytes("flat", n, d) <= budget and n <= FLAT_MAX:
         return "flat"
-    if index_bytes("hnsw", n, d) <= budget:
-        return "hnsw"
-    if index_bytes("sqfp16", n, d) <= budget:
-        return "sqfp16"
-    return "ivfpq"
+    if n >= IVFPQ_MIN:
+        return "ivfpq"
+    return "sqfp16" if index_bytes("sqfp16", n, d) <= budget else "flat"
 
 
 def _pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
@@ -276,8 +278,9 @@ def save_map(folder: Union[str, Path], descriptors: np.ndarray, names: Sequence[
         raise MapError(f"descriptors are {descriptors.shape[1]}-D, the bundle's are {identity['dim']}-D")
     check_finite(descriptors, names)
     kind = choose_index(len(names), descriptors.shape[1], memory_budget, index_type)
-    if kind == "ivfpq" and len(names) < 1000:
-        raise MapError(f"an IVF-PQ index needs at least 1000 images to train, the map has {len(names)}; use flat or hnsw")
+    if kind == "ivfpq" and len(names) < IVFPQ_MIN:
+        raise MapError(f"an IVF-PQ index needs at least {IVFPQ_MIN} images to train, the map has {len(names)}; "
+                       "use flat or hnsw")
     index = _build_index(kind, descriptors)
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,9 @@ def clustered(n, d, seed=0):
 
 def test_index_choice_follows_size_and_budget():
     assert choose_index(1000, 8448, None) == "flat"
-    assert choose_index(200_000, 512, None) == "hnsw"
-    assert choose_index(1000, 8448, budget=1000 * 8448 * 2) == "sqfp16"
+    assert choose_index(200_000, 512, None) == "ivfpq"
+    assert choose_index(5000, 8448, budget=5000 * 8448 * 2) == "ivfpq"  # flat over budget
+    assert choose_index(500, 8448, budget=500 * 8448 * 2) == "sqfp16"  # too few to train IVF-PQ
     assert choose_index(1_000_000, 8448, budget=2 << 30) == "ivfpq"
     assert choose_index(10, 8, None, "hnsw") == "hnsw"
     with pytest.raises(MapError, match="unknown index"):
