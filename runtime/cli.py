@@ -142,7 +142,7 @@ def _report(failures, total: int) -> None:
               file=sys.stderr)
 
 
-def _status(args, result, total: int) -> int:
+def _status(args, result) -> int:
     if not result.names:
         print("error: no image could be processed", file=sys.stderr)
         return 1
@@ -155,7 +155,7 @@ def cmd_encode(args) -> int:
     if result.names:
         written = save_descriptors(args.output, result.names, result.outputs)
         print(f"wrote {len(result.names)} descriptors: {', '.join(map(str, written))}")
-    return _status(args, result, len(result.names) + len(result.failures))
+    return _status(args, result)
 
 
 def cmd_map(args) -> int:
@@ -167,7 +167,7 @@ def cmd_map(args) -> int:
         check_compatible(place_map.meta["bundle"], bundle_identity(load_bundle(args.bundle)), args.map)
     enc, result = _encode_folder(args)
     if not result.names:
-        return _status(args, result, len(result.failures))
+        return _status(args, result)
     poses = read_poses(args.poses, result.names) if args.poses else None
     local = result.outputs.get("local_features")
     if args.map_command == "build":
@@ -177,7 +177,7 @@ def cmd_map(args) -> int:
         place_map = add_to_map(place_map, result.outputs["descriptor"], result.names, poses, local)
     info = map_info(place_map)
     print(f"map {info['folder']} ({info['version']}): {info['count']} places, {info['dim']}-D, index {info['index']}")
-    return _status(args, result, len(result.names) + len(result.failures))
+    return _status(args, result)
 
 
 def cmd_localize(args) -> int:

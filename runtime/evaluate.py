@@ -52,9 +52,9 @@ def evaluate(bundle: Bundle, dataset: Dataset, rerank: int = 0, ks: Sequence[int
     q = encoder.encode_files(dataset.queries, progress=progress, keep=keep)
     failures = db.failures + q.failures
     # ground truth refers to dataset indices: map encoded rows back to them
-    db_rows = {n: i for i, n in enumerate(db.names)}
-    db_index = np.array([i for i, p in enumerate(dataset.database) if p.name in db_rows])
-    q_keep = [i for i, p in enumerate(dataset.queries) if p.name in set(q.names)]
+    db_encoded, q_encoded = set(db.names), set(q.names)
+    db_index = np.array([i for i, p in enumerate(dataset.database) if p.name in db_encoded])
+    q_keep = [i for i, p in enumerate(dataset.queries) if p.name in q_encoded]
     positives = [dataset.positives[i] for i in q_keep]
     depth = max(max(ks), rerank)
     ranked = retrieve(q.outputs["descriptor"], db.outputs["descriptor"], depth, timer)
