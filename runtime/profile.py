@@ -172,9 +172,10 @@ def plot(report: dict, path: Path) -> bool:
     ax2 = ax1.twinx()
     ax2.plot(bs, thr, "s-", color="tab:green", label="images/s")
     ax2.set_ylabel("images/s")
+    ax1.set_xticks(bs)
     ax1.set_title(f"{report['model']} {report['precision']} on {report['backend']}")
-    fig.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(loc="lower center", ncol=3, fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
