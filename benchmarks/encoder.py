@@ -8,7 +8,6 @@ images, each timed in its own process, in one run. Prints images/s and the ratio
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

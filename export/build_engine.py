@@ -16,7 +16,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import shutil
 import sys
 import time

@@ -21,7 +21,7 @@ import shutil
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 from torch import nn

@@ -16,7 +16,6 @@ from typing import Dict, List, Sequence
 
 import onnx
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 TWO_GB = 2 * 1024 ** 3

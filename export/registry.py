@@ -5,7 +5,7 @@ applies, the outputs and their shapes, and which checkpoint formats it loads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 from runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing

@@ -21,8 +21,8 @@ import json
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 
@@ -31,7 +31,6 @@ from .maps import PlaceMap
 from .preprocess import preprocess_image
 from .rerank import rerank_shortlist
 from .sources import Frame
-from .timing import StageTimer
 
 _END = object()
 

@@ -49,7 +49,6 @@ def profile_bundle(bundle: Bundle, batches: Sequence[int], iterations: int = 20,
                    images: Optional[Path] = None, map_size: int = 10000, rerank: int = 0,
                    threads: Optional[int] = None) -> dict:
     backend = open_backend(bundle, threads=threads)
-    layer_profile = None
     if bundle.backend == "tensorrt":
         backend.enable_profiling()
     results: Dict[str, dict] = {}

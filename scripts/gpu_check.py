@@ -81,7 +81,7 @@ def main() -> int:
                 rows.append({"model": name, "engine": label, "min_cosine_vs_pytorch": cosine(desc, ref),
                              "max_abs_vs_pytorch": float(np.abs(desc - ref).max())})
             print(f"{name}: done in {time.time() - t0:.0f} s", file=sys.stderr)
-    print(f"| model | engine | min cosine vs PyTorch (CUDA fp32) | max abs |")
+    print("| model | engine | min cosine vs PyTorch (CUDA fp32) | max abs |")
     print("|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['engine']} | {r['min_cosine_vs_pytorch']:.6f} | {r['max_abs_vs_pytorch']:.2e} |")

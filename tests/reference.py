@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 
@@ -21,7 +20,7 @@ def fixture(model: str, name: str) -> np.ndarray:
     return np.load(REFERENCE / model / name)
 
 
-def rebuild_state_dict(model: str) -> Dict[str, "torch.Tensor"]:
+def rebuild_state_dict(model: str) -> dict:
     """The fixture's deterministic weights: value = N(0,1)[crc32(key)] * std + mean, cast last."""
     import torch
 

@@ -1,5 +1,4 @@
 """Dataset formats and Recall@K, without torch."""
-import io
 import pickle
 
 import numpy as np
