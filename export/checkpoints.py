@@ -26,6 +26,7 @@ from typing import Dict, Iterable, Tuple
 import torch
 from torch import nn
 
+from runtime.errors import UserError
 from runtime.files import atomic_write, sha256_file
 
 from .models.dinov2 import interpolate_pos_embed
@@ -34,7 +35,7 @@ FORMATS = ("salad", "selavpr", "cricavpr", "dinov2", "timm-dinov2")
 DEFAULT_CACHE = Path(os.environ.get("VPR_EDGE_CACHE", Path.home() / ".cache" / "vpr-edge")) / "checkpoints"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used for the requested model; the message says why."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
+from runtime.errors import UserError
 from runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 from .models.dinov2 import ARCHS, PATCH
@@ -60,7 +61,7 @@ class ModelConfig:
                 "preprocessing": self.preprocessing.to_dict(), "outputs": self.outputs()}
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     pass
 
 

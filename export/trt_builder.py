@@ -18,11 +18,12 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
+from runtime.errors import UserError
 from runtime.files import atomic_write
 from runtime.trt_env import gpu_info
 
 
-class TensorRTBuildError(RuntimeError):
+class TensorRTBuildError(UserError, RuntimeError):
     pass
 
 

@@ -18,6 +18,8 @@ from typing import Dict, List, Union
 
 import onnx
 
+from runtime.errors import UserError
+
 TARGETS = ("trt8.5", "trt8.6", "trt10", "trt11")
 
 # Operators marked supported in onnx-tensorrt docs/operators.md (8.x tables; still supported later).
@@ -42,7 +44,7 @@ MISCOMPILED = {"ReduceLogSumExp": "TensorRT lowers it without the max shift and 
                                   "write a max-shifted log-sum-exp"}
 
 
-class TensorRTCompatibilityError(ValueError):
+class TensorRTCompatibilityError(UserError, ValueError):
     pass
 
 

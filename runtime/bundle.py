@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+from .errors import UserError
 from .files import atomic_write, sha256_file
 from .preprocess import Preprocessing
 
@@ -23,7 +24,7 @@ REQUIRED = ("format_version", "model", "preprocessing", "precision", "backend", 
             "batch", "files", "weights", "build")
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle that must not be loaded; the message names the file, the problem and the fix."""
 
 

@@ -19,12 +19,13 @@ from typing import List, Optional, Sequence, Set, Union
 
 import numpy as np
 
+from .errors import UserError
 from .preprocess import list_images
 
 GMBERTON_RADIUS_M = 25.0
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import faiss
 import numpy as np
 
+from .errors import UserError
 from .files import atomic_write, sha256_file
 
 FORMAT_VERSION = 1
@@ -43,7 +44,7 @@ IVFPQ_MIN = 1000  # IVF-PQ needs this many vectors to train
 HNSW_M = 32
 
 
-class MapError(ValueError):
+class MapError(UserError, ValueError):
     """A map that cannot be used; the message names the file and what to do."""
 
 

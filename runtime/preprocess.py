@@ -22,6 +22,8 @@ from typing import Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_MODES = ("pil_bilinear", "tensor_bilinear")
@@ -50,7 +52,7 @@ class Preprocessing:
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image file that cannot be used; the message says why (callers name the file)."""
 
 
