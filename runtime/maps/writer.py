@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -51,6 +52,7 @@ class MapWriter:
         self.index_type, self.memory_budget = index_type, memory_budget
         self.store_dtype, self.keep_versions, self.lock = store_dtype, max(1, keep_versions), lock
         self.dim = int(identity["dim"])
+        self.previous_version = current_version(folder) if is_map(folder) else None
         self.existing: set = set()
         if previous is not None:
             for seg in previous["segments"]:
@@ -72,8 +74,18 @@ class MapWriter:
             has_local = any(s.get("local_shape") for s in self.previous["segments"])
             if has_local != (local is not None):
                 raise MapError("local features must be given for the new images exactly when the map has them")
-        self.segment.append(names, descriptors, local)
+        with self._disk("writing the new segment"):
+            self.segment.append(names, descriptors, local)
         self._seen.update(names)
+
+    @contextmanager
+    def _disk(self, what: str):
+        """A full disk or a file-size limit becomes one line; the map stays as it was."""
+        try:
+            yield
+        except OSError as exc:
+            was = f"still {self.previous_version}" if self.previous_version else "no map was written"
+            raise MapError(f"{self.folder}: {what} failed ({exc.strerror or exc}); the map is unchanged ({was})") from exc
 
     @property
     def count(self) -> int:
@@ -95,16 +107,19 @@ class MapWriter:
                     raise MapError("poses must be given for the new images exactly when the map has poses")
             if poses is not None and len(poses) != self.count:
                 raise MapError(f"{len(poses)} poses for {self.count} images")
-            seg = self.segment.finish(poses)
+            with self._disk("writing the new segment"):
+                seg = self.segment.finish(poses)
             segments = (self.previous["segments"] if self.previous else []) + [seg]
-            index = self._index(segments)
+            with self._disk("writing the index"):
+                index = self._index(segments)
             meta = {"format_version": FORMAT_VERSION, "created": time.time(),
                     "count": sum(s["count"] for s in segments), "dim": self.dim, "store_dtype": self.store_dtype,
                     "bundle": self.identity, "segments": segments, "index": index,
                     "metadata": dict(self.previous.get("metadata", {})) if self.previous else {}}
             if metadata:
                 meta["metadata"].update(metadata)
-            version = write_version(self.folder, meta)
+            with self._disk("writing the version manifest"):
+                version = write_version(self.folder, meta)
         except BaseException:
             self.abort()
             raise
