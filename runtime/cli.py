@@ -194,6 +194,7 @@ def cmd_map(args) -> int:
     else:
         writer = open_add(args.map, identity)
     with writer:
+        writer.check_names(images.names)
         enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
         keep = ("descriptor", "local_features") if "local_features" in bundle.outputs else ("descriptor",)
         failures: list = []

@@ -151,7 +151,7 @@ def test_full_disk_mid_add_leaves_the_previous_version(tmp_path):
     for folder, n in ((first, 4), (more, 300)):
         folder.mkdir()
         for i in range(n):
-            Image.new("RGB", (20, 20), (i % 255, 3 * i % 255, 7)).save(folder / f"{i:04d}.png")
+            Image.new("RGB", (20, 20), (i % 255, 3 * i % 255, 7)).save(folder / f"{folder.name}{i:04d}.png")
     assert run("map", "build", "--bundle", bundle, "--images", first, "--output", tmp_path / "m", "--quiet").returncode == 0
     proc = subprocess.run([sys.executable, "-m", "runtime", "map", "add", "--bundle", str(bundle), "--map",
                            str(tmp_path / "m"), "--images", str(more), "--quiet"], cwd=ROOT, capture_output=True,

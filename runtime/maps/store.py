@@ -48,7 +48,10 @@ class HashedFile:
         return {"size": self.size, "sha256": self.hash.hexdigest()}
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # unflushed bytes of a file being thrown away (a full disk)
 
 
 class SegmentWriter:

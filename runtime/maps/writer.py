@@ -63,13 +63,20 @@ class MapWriter:
         self._seen: set = set()
 
     # -- streaming ---------------------------------------------------------------------------
+    def check_names(self, names: Sequence[str]) -> None:
+        """Refuse names already in the map, or given twice (before any work is done on them)."""
+        names = [str(n) for n in names]
+        clash = [n for n in names if n in self.existing or n in self._seen]
+        if clash:
+            raise MapError(f"image names in a map must be unique: {len(clash)} already in the map "
+                           f"(e.g. {', '.join(clash[:3])})")
+        if len(set(names)) != len(names):
+            raise MapError("image names in a map must be unique: some are given twice")
+
     def append(self, names: Sequence[str], descriptors: np.ndarray, local: Optional[np.ndarray] = None) -> None:
         """Add a batch to the new segment (written to disk at once; nothing is kept in RAM)."""
         names = [str(n) for n in names]
-        clash = [n for n in names if n in self.existing or n in self._seen]
-        if clash or len(set(names)) != len(names):
-            shown = ", ".join(clash[:3]) or "within one batch"
-            raise MapError(f"image names in a map must be unique: {len(clash)} already in the map ({shown})")
+        self.check_names(names)
         if self.previous is not None:
             has_local = any(s.get("local_shape") for s in self.previous["segments"])
             if has_local != (local is not None):
