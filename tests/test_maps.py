@@ -82,6 +82,20 @@ def test_add_writes_a_segment_and_extends_the_index_without_rewriting_the_map(tm
     assert (folder / "versions" / "v000001.json").exists()  # ``old`` still reads it
 
 
+def test_ivf_uses_an_hnsw_coarse_quantizer_for_large_maps(tmp_path, monkeypatch):
+    import faiss
+
+    import runtime.maps.index as index_module
+    monkeypatch.setattr(index_module, "HNSW_COARSE_MIN", 2000)  # as at 1M images, on a small map
+    x = clustered(3000, 64)
+    m = save_map(tmp_path / "m", x, [str(i) for i in range(3000)], ID, index_type="ivfpq")
+    assert m.meta["index"]["params"]["coarse"] == "hnsw"
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(m.index).quantizer), faiss.IndexHNSWFlat)
+    src = np.arange(0, 3000, 15)
+    _, ids = m.search(noisy(x, src), 1)
+    assert (ids[:, 0] == src).mean() >= 0.9
+
+
 def test_ivfpq_is_retrained_when_the_map_has_grown_enough(tmp_path):
     x = clustered(1000 * RETRAIN_GROWTH, 32)
     ident = {**ID, "dim": 32}
