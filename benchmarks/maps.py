@@ -197,6 +197,7 @@ def main() -> int:
     p.add_argument("--index", default="auto")
     p.add_argument("--memory-budget", type=parse_size, default=parse_size("1GB"))
     p.add_argument("--settings", default="32:100", help="nprobe:shortlist pairs to time, e.g. 16:100,32:100,32:200")
+    p.add_argument("--store-dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--threads", default="2", help="search threads to time, e.g. 1,2 (each in a fresh process)")
     p.add_argument("--workdir", type=Path, default=None, help="where the map is written (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the map afterwards")
@@ -213,7 +214,7 @@ def main() -> int:
         queries: list = []
         gen_s = 0.0
         t0 = time.perf_counter()
-        with open_build(folder, ident, args.index, args.memory_budget) as w:
+        with open_build(folder, ident, args.index, args.memory_budget, args.store_dtype) as w:
             it = route_views(args.n, args.dim, 0, args.traversals, args.queries, queries)
             while True:
                 t = time.perf_counter()

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--index", default="auto", choices=("auto", "flat", "sqfp16", "hnsw", "ivfpq"),
                     help="FAISS index (auto: from the map's size and --memory-budget)")
     mb.add_argument("--memory-budget", type=parse_size, default=None, help="index memory budget, e.g. 1GB")
-    mb.add_argument("--store-dtype", default="float16", choices=("float16", "float32"),
-                    help="descriptor store on disk, read by exact re-ranking (float16: half the disk; BENCHMARKS.md §5)")
+    mb.add_argument("--store-dtype", default="float32", choices=("float16", "float32"),
+                    help="descriptor store on disk, read by search and re-ranking (float16: half the disk, for "
+                         "city-scale maps; its cost is in BENCHMARKS.md §5)")
     mb.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                     help="encode on a Ray cluster (ADDRESS, e.g. 10.0.0.1:6379; none: a local cluster); needs the ray extra")
     mb.add_argument("--ray-workers", type=int, default=None, help="encoder actors (default: one per CPU / GPU of the cluster)")

@@ -75,7 +75,7 @@ class EncodeActor:
 def ray_build_map(bundle: Union[str, Path], images: Union[str, Path], output: Union[str, Path],
                   address: Optional[str] = None, workers: Optional[int] = None, batch_size: Optional[int] = None,
                   threads: Optional[int] = None, device: str = "cpu", index_type: str = "auto",
-                  memory_budget: Optional[int] = None, store_dtype: str = "float16",
+                  memory_budget: Optional[int] = None, store_dtype: str = "float32",
                   poses: Optional[dict] = None, poses_path: Optional[Path] = None, progress: bool = False) -> dict:
     """Encode ``images`` on a Ray cluster (``address``; None: a local one) into a new map."""
     ray = _ray()

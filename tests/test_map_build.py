@@ -68,7 +68,7 @@ def test_map_build_add_verify_and_encode_use_relative_names(tmp_path):
     assert info["count"] == 2 and info["segments"] == 1 and info["weights"].startswith("random weights")
     proc = run("map", "verify", "--map", tmp_path / "m")
     assert proc.returncode == 0 and "intact" in proc.stdout
-    store = tmp_path / "m" / "segments" / "s000001" / "descriptors.f16"
+    store = tmp_path / "m" / "segments" / "s000001" / "descriptors.f32"
     store.write_bytes(bytes(b ^ 1 for b in store.read_bytes()))
     proc = run("map", "verify", "--map", tmp_path / "m")
     assert proc.returncode == 2 and "segment s000001 is corrupted" in proc.stderr and "damaged" in proc.stdout

@@ -63,7 +63,7 @@ def test_add_writes_a_segment_and_extends_the_index_without_rewriting_the_map(tm
     names = [f"route/{i:05d}.jpg" for i in range(4000)]
     folder = tmp_path / "map"
     m1 = save_map(folder, x[:3000], names[:3000], ID, index_type=kind)
-    first = folder / "segments" / "s000001" / "descriptors.f16"
+    first = folder / "segments" / "s000001" / "descriptors.f32"
     before = os.stat(first)
     training = m1.meta["index"]["training"]
     m1.close()
@@ -136,12 +136,12 @@ def test_versions_poses_checksums_and_verify(tmp_path):
     loaded.close()
     assert verify_map(folder)[1] == []
     # a damaged descriptor store keeps its size: loading (quick) reads it, verify names it
-    store = folder / "segments" / "s000002" / "descriptors.f16"
+    store = folder / "segments" / "s000002" / "descriptors.f32"
     data = bytearray(store.read_bytes())
     data[-3] ^= 0xFF
     store.write_bytes(bytes(data))
     version, problems, _ = verify_map(folder)
-    assert len(problems) == 1 and "segment s000002" in problems[0] and "descriptors.f16" in problems[0]
+    assert len(problems) == 1 and "segment s000002" in problems[0] and "descriptors.f32" in problems[0]
     assert "restore" in problems[0] and "rebuild" in problems[0]
     with pytest.raises(MapError, match="s000002.*sha256"):
         load_map(folder, verify="full")
@@ -151,7 +151,7 @@ def test_versions_poses_checksums_and_verify(tmp_path):
     with pytest.raises(MapError, match="s000001/names.jsonl: segment s000001 is corrupted"):
         load_map(folder)
     store.unlink()
-    with pytest.raises(MapError, match="descriptors.f16: missing .segment s000002"):
+    with pytest.raises(MapError, match="descriptors.f32: missing .segment s000002"):
         load_map(folder, verify="none")
 
 
@@ -248,7 +248,7 @@ def test_float32_store_is_exact_and_float16_within_rounding(tmp_path):
     x = clustered(100, 64)
     m32 = save_map(tmp_path / "a", x, [str(i) for i in range(100)], ID, store_dtype="float32")
     np.testing.assert_array_equal(np.asarray(m32.descriptors), x)
-    m16 = save_map(tmp_path / "b", x, [str(i) for i in range(100)], ID)
+    m16 = save_map(tmp_path / "b", x, [str(i) for i in range(100)], ID, store_dtype="float16")
     assert np.abs(np.asarray(m16.descriptors, dtype=np.float32) - x).max() < 1e-3
     assert json.loads((tmp_path / "b" / "versions" / "v000001.json").read_text())["store_dtype"] == "float16"
 

@@ -248,7 +248,7 @@ def _writer_lock(folder: Path) -> WriterLock:
 
 
 def open_build(folder: Union[str, Path], identity: dict, index_type: str = "auto",
-               memory_budget: Optional[int] = None, store_dtype: str = "float16",
+               memory_budget: Optional[int] = None, store_dtype: str = "float32",
                keep_versions: int = 1) -> MapWriter:
     """A writer for a new map in ``folder`` (new, empty, or an existing map whose content it
     replaces with a new version; nothing outside the map's own files is touched)."""
@@ -349,7 +349,7 @@ def _batches(n: int) -> Iterable[slice]:
 
 def save_map(folder: Union[str, Path], descriptors: np.ndarray, names: Sequence[str], identity: dict,
              index_type: str = "auto", memory_budget: Optional[int] = None, poses: Optional[np.ndarray] = None,
-             local: Optional[np.ndarray] = None, keep_versions: int = 1, store_dtype: str = "float16") -> PlaceMap:
+             local: Optional[np.ndarray] = None, keep_versions: int = 1, store_dtype: str = "float32") -> PlaceMap:
     """Build a map from arrays in memory (``open_build`` streams)."""
     descriptors = np.asarray(descriptors)
     if descriptors.ndim != 2 or len(descriptors) != len(names):
