@@ -88,8 +88,9 @@ def ray_build_map(bundle: Union[str, Path], images: Union[str, Path], output: Un
     with writer:
         started = not ray.is_initialized()
         if started:
-            ray.init(address=address or None, log_to_driver=False, include_dashboard=False,
-                     logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
+            path = os.environ.get("PYTHONPATH")  # a checkout used without installing it
+            ray.init(address=address or None, log_to_driver=False, include_dashboard=False, logging_level="ERROR",
+                     runtime_env={"env_vars": {"PYTHONPATH": path}} if path else None)
         try:
             failures = _encode_into(ray, writer, images_list, b, workers, batch_size, threads, device, progress)
         finally:
