@@ -50,6 +50,10 @@ class WriterLock:
         self._file = f
         return self
 
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the descriptor drops the flock

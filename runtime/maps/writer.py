@@ -17,7 +17,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import faiss
 import numpy as np
@@ -147,7 +147,7 @@ class MapWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.lock._file is not None:
+        if self.lock.held:
             self.abort()
 
     # -- index -------------------------------------------------------------------------------
@@ -401,9 +401,3 @@ def poses_for(table: Dict[str, List[float]], names: Sequence[str], path: Union[s
 def read_poses(path: Union[str, Path], names: Sequence[str]) -> np.ndarray:
     return poses_for(read_pose_table(path), names, path)
 
-
-def build_from_batches(writer: MapWriter, batches: Iterable[Tuple[Sequence[str], Dict[str, np.ndarray]]]) -> int:
-    """Feed ``(names, outputs)`` batches (``Encoder.stream``) to a writer; returns the count."""
-    for names, out in batches:
-        writer.append(names, out["descriptor"], out.get("local_features"))
-    return writer.count
