@@ -141,6 +141,7 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     if p["coarse"] == "hnsw":
         ivf.clustering_index = faiss.IndexFlatL2(dp)  # exact k-means; the graph only serves assignment
         quantizer.hnsw.efConstruction = 40
+        quantizer.hnsw.efSearch = 128  # assigning the map's rows to lists: exact enough at 4096+ lists
     ivf.cp.niter = 10
     ivf.cp.seed = ivf.pq.cp.seed = SEED
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # sample sizes are ours (quiet)
