@@ -15,8 +15,9 @@ from .datasets import DatasetError, load_dataset
 from .encoder import Encoder
 from .evaluate import KS, evaluate, format_recall, recall_at_k
 from .files import save_descriptors
-from .maps import MapError, add_to_map, bundle_identity, check_compatible, load_map, map_info, read_poses, save_map
-from .preprocess import list_images
+from .images import find_images
+from .maps import (MapError, bundle_identity, check_compatible, load_map, map_info, open_add, open_build, poses_for,
+                   read_pose_table, verify_map)
 from .units import parse_size
 
 EXPECTED_ERRORS = (BundleError, MapError, DatasetError, FileNotFoundError, ValueError, RuntimeError)
@@ -25,7 +26,9 @@ EXPECTED_ERRORS = (BundleError, MapError, DatasetError, FileNotFoundError, Value
 def _common(p: argparse.ArgumentParser, images: bool = True) -> None:
     p.add_argument("--bundle", required=True, type=Path, help="engine bundle (python export/build_engine.py)")
     if images:
-        p.add_argument("--images", required=True, type=Path, help="folder of images, read in file-name order")
+        p.add_argument("--images", required=True, type=Path,
+                       help="a folder (searched recursively), a list file (.txt, one path a line) or a glob "
+                            "('city/**/*.jpg'); each image is named by its path relative to that root")
     p.add_argument("--batch-size", type=int, default=None, help="images per inference call (default: the bundle's opt batch)")
     _backend_args(p)
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image fails to decode")
@@ -52,21 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, type=Path, help="X.npy (names in X.txt)")
     e.add_argument("--save-local", action="store_true", help="also write SelaVPR local features (X.local.npy)")
 
-    m = sub.add_parser("map", help="build, extend or describe a place map")
+    m = sub.add_parser("map", help="build, extend, check or describe a place map")
     msub = m.add_subparsers(dest="map_command", required=True)
-    mb = msub.add_parser("build", help="a new map from a folder of images")
+    mb = msub.add_parser("build", help="a new map from images (streamed: memory does not grow with their number)")
     _common(mb)
-    mb.add_argument("--output", required=True, type=Path, help="map folder")
+    mb.add_argument("--output", required=True, type=Path,
+                    help="map folder: new, empty, or an existing map whose content is replaced by a new version")
     mb.add_argument("--poses", type=Path, help="CSV 'name,x,y[,...]' or JSON {name: [x, y, ...]} per image")
     mb.add_argument("--index", default="auto", choices=("auto", "flat", "sqfp16", "hnsw", "ivfpq"),
                     help="FAISS index (auto: from the map's size and --memory-budget)")
-    mb.add_argument("--memory-budget", type=parse_size, default=None, help="index memory budget, e.g. 2GB")
-    ma = msub.add_parser("add", help="add the images of a folder to an existing map")
+    mb.add_argument("--memory-budget", type=parse_size, default=None, help="index memory budget, e.g. 1GB")
+    mb.add_argument("--store-dtype", default="float32", choices=("float16", "float32"),
+                    help="descriptor store on disk, read by search and re-ranking (float16: half the disk, for "
+                         "city-scale maps; its cost is in BENCHMARKS.md §5)")
+    mb.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="encode on a Ray cluster (ADDRESS, e.g. 10.0.0.1:6379; none: a local cluster); needs the ray extra")
+    mb.add_argument("--ray-workers", type=int, default=None, help="encoder actors (default: one per CPU / GPU of the cluster)")
+    ma = msub.add_parser("add", help="add images to an existing map (a new segment: costs what is added)")
     _common(ma)
     ma.add_argument("--map", required=True, type=Path)
     ma.add_argument("--poses", type=Path)
     mi = msub.add_parser("info", help="describe a map")
     mi.add_argument("--map", required=True, type=Path)
+    mv = msub.add_parser("verify", help="hash every file of a map (loading hashes all but the large stores)")
+    mv.add_argument("--map", required=True, type=Path)
 
     lo = sub.add_parser("localize", help="the localization loop over a folder, video file or camera")
     lo.add_argument("--bundle", required=True, type=Path)
@@ -125,14 +137,10 @@ def _encoder(args) -> Encoder:
 
 
 def _encode_folder(args, keep=("descriptor",)):
-    files = list_images(args.images)
-    if not files:
-        raise FileNotFoundError(f"{args.images}: no images found")
+    images = find_images(args.images)
     enc = _encoder(args)
-    if "local_features" in enc.bundle.outputs and "local_features" not in keep and args.command == "map":
-        keep = ("descriptor", "local_features")  # SelaVPR maps keep local features for re-ranking
-    result = enc.encode_files(files, progress=not args.quiet, keep=keep)
-    _report(result.failures, len(files))
+    result = enc.encode_files(images.files, progress=not args.quiet, keep=keep, names=images.names)
+    _report(result.failures, len(images))
     return enc, result
 
 
@@ -162,22 +170,45 @@ def cmd_map(args) -> int:
     if args.map_command == "info":
         print(json.dumps(map_info(load_map(args.map)), indent=2))
         return 0
-    if args.map_command == "add":
-        place_map = load_map(args.map)
-        check_compatible(place_map.meta["bundle"], bundle_identity(load_bundle(args.bundle)), args.map)
-    enc, result = _encode_folder(args)
-    if not result.names:
-        return _status(args, result)
-    poses = read_poses(args.poses, result.names) if args.poses else None
-    local = result.outputs.get("local_features")
+    if args.map_command == "verify":
+        version, problems, hashed = verify_map(args.map)
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        print(f"map {args.map} ({version}): {'damaged' if problems else 'intact'}, {hashed / 2 ** 30:.2f} GiB hashed")
+        return 2 if problems else 0
+    table = read_pose_table(args.poses) if args.poses else None  # a bad poses file fails before encoding
+    if args.map_command == "build" and args.ray is not None:
+        from .ray_build import ray_build_map
+        summary = ray_build_map(args.bundle, args.images, args.output, address=args.ray or None,
+                                workers=args.ray_workers, batch_size=args.batch_size, threads=args.threads,
+                                device=args.device, index_type=args.index, memory_budget=args.memory_budget,
+                                store_dtype=args.store_dtype, poses=table, poses_path=args.poses,
+                                progress=not args.quiet)
+        _report(summary["failures"], summary["images"])
+        print(f"map {args.output} ({summary['version']}): {summary['count']} places")
+        return 1 if (args.strict and summary["failures"]) else 0
+    images = find_images(args.images)
+    bundle = load_bundle(args.bundle)
+    identity = bundle_identity(bundle)
     if args.map_command == "build":
-        place_map = save_map(args.output, result.outputs["descriptor"], result.names, bundle_identity(enc.bundle),
-                             args.index, args.memory_budget, poses, local)
+        writer = open_build(args.output, identity, args.index, args.memory_budget, args.store_dtype)
     else:
-        place_map = add_to_map(place_map, result.outputs["descriptor"], result.names, poses, local)
-    info = map_info(place_map)
-    print(f"map {info['folder']} ({info['version']}): {info['count']} places, {info['dim']}-D, index {info['index']}")
-    return _status(args, result)
+        writer = open_add(args.map, identity)
+    with writer:
+        writer.check_names(images.names)
+        enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
+        keep = ("descriptor", "local_features") if "local_features" in bundle.outputs else ("descriptor",)
+        failures: list = []
+        for names, out in enc.stream(images.files, images.names, keep, not args.quiet, failures):
+            writer.append(names, out["descriptor"], out.get("local_features"))
+        _report(failures, len(images))
+        if writer.count == 0:
+            print("error: no image could be processed; the map is unchanged", file=sys.stderr)
+            return 1
+        version = writer.commit(poses_for(table, writer.names, args.poses) if table is not None else None)
+    folder = args.output if args.map_command == "build" else args.map
+    print(f"map {folder} ({version}): {writer.count} images added")
+    return 1 if (args.strict and failures) else 0
 
 
 def cmd_localize(args) -> int:
@@ -186,7 +217,8 @@ def cmd_localize(args) -> int:
 
     bundle = load_bundle(args.bundle)
     place_map = load_map(args.map)
-    check_compatible(place_map.meta["bundle"], bundle_identity(bundle), args.map)
+    for warning in check_compatible(place_map.meta["bundle"], bundle_identity(bundle), args.map):
+        print(f"warning: {warning}", file=sys.stderr)
     if bundle.batch_mode == "batched":
         print("warning: this bundle's descriptors depend on their batch-mates (CricaVPR batched mode); "
               "the loop's micro-batches change them. Prefer the -independent model for localization.", file=sys.stderr)
