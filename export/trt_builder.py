@@ -199,6 +199,9 @@ def build_plan(onnx_path: Path, batch: Dict[str, int], precision: str, fp32_node
         if precision == "int8":  # a Q/DQ graph (explicit), or an FP32 graph with the calibrator (implicit)
             config.set_flag(trt.BuilderFlag.INT8)
             if calibrator is not None:
+                if not hasattr(config, "int8_calibrator"):
+                    raise TensorRTBuildError(f"{library} has no implicit INT8 calibration (removed in TensorRT 11): "
+                                             "build the Q/DQ graph instead (without --trt-calibrator)")
                 config.int8_calibrator = calibrator
         if caps["precision_constraints"]:
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)

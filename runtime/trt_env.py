@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+LIBRARIES = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
 RTX_PACKAGE = "tensorrt-rtx-cu13"
 RTX_DEFAULT_MIN_CC = (8, 0)  # TensorRT-RTX's default AOT targets: compute capability 8.0, 8.6, 8.9, 12.0 and later
 RUNTIME_CACHE_DIR = Path(os.environ.get("VPR_EDGE_CACHE", Path.home() / ".cache" / "vpr-edge")) / "tensorrt-rtx"
@@ -71,14 +72,14 @@ def check_engine_compatible(recorded: dict, rebuild_hint: str, folder: Path, bac
     from .bundle import BundleError
 
     onnx_instead = f"python export/build_engine.py --from-bundle {folder} --backend onnxruntime"
-    have = tensorrt_version(backend)
+    lib, have = LIBRARIES[backend], tensorrt_version(backend)
     if have is None:
         install = f"pip install {RTX_PACKAGE}" if backend == "tensorrt-rtx" else f"TensorRT {recorded.get('version')}"
-        raise BundleError(f"{folder}: a {backend} engine, but {MODULES[backend]} does not import here; install it "
-                          f"({install}) or run the bundle's model.onnx on ONNX Runtime ({onnx_instead})")
+        raise BundleError(f"{folder}: a {lib} engine, but {lib} does not import here; install it ({install}) or run "
+                          f"the bundle's model.onnx on ONNX Runtime ({onnx_instead})")
     want = recorded.get("version")
     if want != have and not recorded.get("version_compatible"):
-        raise BundleError(f"{folder}: engine built with {MODULES[backend]} {want}, this machine has {have}; {rebuild_hint}")
+        raise BundleError(f"{folder}: engine built with {lib} {want}, this machine has {have}; {rebuild_hint}")
     gpu = gpu_info()
     if backend == "tensorrt-rtx":
         _check_rtx_gpu(recorded, gpu, folder, onnx_instead)

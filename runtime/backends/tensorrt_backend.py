@@ -55,8 +55,8 @@ class TensorRTBackend(Backend):
         if self.engine is None:
             raise BundleError(f"{bundle.file('engine')}: {bundle.backend} could not deserialise the engine; {bundle.rebuild_hint}")
         self.cache_file, self.runtime_cache = None, None
-        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX: keep the kernels compiled at the first run
-            config = self.engine.create_runtime_config()
+        config = self.engine.create_runtime_config() if hasattr(self.engine, "create_runtime_config") else None
+        if hasattr(config, "create_runtime_cache"):  # TensorRT-RTX: keep the kernels compiled at the first run
             self.runtime_cache = config.create_runtime_cache()
             self.cache_file = RUNTIME_CACHE_DIR / f"{bundle.manifest['files']['engine']['sha256'][:16]}.cache"
             if self.cache_file.is_file():
