@@ -58,7 +58,13 @@ def _parser_message(desc: str) -> str:
     failure (cudaError 35)."""
     lines = [line for line in str(desc).splitlines()
              if line.strip() and not line.startswith("Invalid Node - ") and "cudaError 35" not in line]
-    return re.sub(r"\s*In \w+ at /[^\s)]+", "", _one_line(" ".join(lines) or desc))
+    return _without_locations(" ".join(lines) or desc)
+
+
+def _without_locations(text: str) -> str:
+    """One line, without TensorRT's source locations and shape-machine internals."""
+    text = _one_line(text).split(" Condition '")[0]
+    return re.sub(r"\s*In \w+ at /[^\s)]+", "", text)
 
 
 def _module(trt):
@@ -231,11 +237,11 @@ def build_plan(onnx_path: Path, batch: Dict[str, int], precision: str, fp32_node
     if plan is None:
         why = logger.last(trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR) or "see the log with -v"
         raise TensorRTBuildError(f"{onnx_path}: {library} could not build an engine for batch {profile_text}: "
-                                 f"{_one_line(why)}")
+                                 f"{_without_locations(why)}")
     inconsistent = [m for s, m in logger.messages if "not self-consistent" in m]
     if inconsistent:  # the builder warns, then writes an engine that fails at that batch
         raise TensorRTBuildError(f"{onnx_path}: {library} cannot run the batch profile {profile_text}: "
-                                 f"{_one_line(inconsistent[0])}")
+                                 f"{_without_locations(inconsistent[0])}")
     if timing_cache is not None:
         cache = config.get_timing_cache()
         atomic_write(Path(timing_cache), lambda f: f.write(memoryview(cache.serialize())))
