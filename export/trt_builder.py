@@ -113,8 +113,9 @@ def _island_matcher(names: Iterable[str]):
 
 
 def make_logger(trt, verbose: bool = False):
-    """A logger that keeps what TensorRT says (printed only with ``verbose``): a failure is then
-    reported with TensorRT's own words, in one line."""
+    """A logger that keeps TensorRT's warnings and errors (everything is printed only with
+    ``verbose``): a failure is then reported with TensorRT's own words, in one line."""
+    kept = {trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR, trt.ILogger.Severity.WARNING}
 
     class Log(trt.ILogger):
         def __init__(self) -> None:
@@ -122,7 +123,8 @@ def make_logger(trt, verbose: bool = False):
             self.messages: List[Tuple[object, str]] = []
 
         def log(self, severity, msg: str) -> None:
-            self.messages.append((severity, msg))
+            if severity in kept:
+                self.messages.append((severity, msg))
             if verbose:
                 print(f"[{library_name(trt)}] {msg}", flush=True)
 

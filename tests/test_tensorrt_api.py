@@ -32,7 +32,8 @@ OTHER_VERSIONS = {"EXPLICIT_BATCH", "FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"
 # without the FP16 builder flag (11.x, TensorRT-RTX) never gets there
 WEAK_TYPING_ONLY = {"precision", "set_output_type"}
 # a probed feature and what comes with it (TensorRT 11 has IRuntimeConfig, but no runtime cache)
-FEATURES = {"create_runtime_cache": {"IRuntimeCache", "set_runtime_cache"}}
+FEATURES = {"create_runtime_cache": {"IRuntimeCache", "set_runtime_cache"},
+            "get_engine_validity": {"EngineValidity", "EngineInvalidityDiagnostics"}}
 
 
 def _chain(node):

@@ -51,7 +51,15 @@ class TensorRTBackend(Backend):
         runtime = trt.Runtime(self.logger)
         if bundle.manifest.get("tensorrt", {}).get("version_compatible"):
             runtime.engine_host_code_allowed = True
-        self.engine = runtime.deserialize_cuda_engine(bundle.file("engine").read_bytes())
+        plan = bundle.file("engine").read_bytes()
+        if hasattr(runtime, "get_engine_validity"):  # TensorRT-RTX says why an engine cannot run here
+            validity, diagnostics = runtime.get_engine_validity(plan)
+            if validity == trt.EngineValidity.INVALID:
+                why = [name.lower().replace("_", " ") for name, flag in trt.EngineInvalidityDiagnostics.__members__.items()
+                       if int(diagnostics) & int(flag)]
+                raise BundleError(f"{bundle.file('engine')}: {bundle.backend} cannot run this engine on this machine "
+                                  f"({', '.join(why) or 'no reason given'}); {bundle.rebuild_hint}")
+        self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BundleError(f"{bundle.file('engine')}: {bundle.backend} could not deserialise the engine; {bundle.rebuild_hint}")
         self.cache_file, self.runtime_cache = None, None
