@@ -37,7 +37,9 @@ def build(model: str, precision: str, batch: str, folder: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        return {"model": model, "precision": precision, "error": proc.stderr.strip().splitlines()[-1]}
+        why = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+               else next((line for line in proc.stderr.splitlines() if line.startswith("error:")), "failed"))
+        return {"model": model, "precision": precision, "error": why}
     m = json.loads((folder / "manifest.json").read_text())
     facts = m["tensorrt"]
     return {"model": model, "precision": precision, "image_size": m["preprocessing"]["size"], "batch": m["batch"],
