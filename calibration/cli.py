@@ -18,6 +18,7 @@ import numpy as np
 
 from runtime.bundle import BundleError, file_entry, load_bundle, write_manifest
 from runtime.datasets import DatasetError, load_dataset
+from runtime.errors import UserError
 from runtime.files import replace_dir
 
 from .dataset import DEFAULT_COUNT, calibration_set
@@ -74,7 +75,9 @@ def cmd_quantize(args) -> int:
         manifest = {k: v for k, v in src.manifest.items() if k not in ("tensorrt",)}
         manifest.update(precision="int8", backend="onnxruntime", calibration=facts,
                         files={"onnx": file_entry(staging / "model.onnx")})
-        manifest.setdefault("checks", {})["onnxruntime_integer_ops"] = facts["integer_ops"]
+        checks = manifest.setdefault("checks", {})
+        checks["onnxruntime_integer_ops"] = facts["integer_ops"]
+        _tensorrt_checks(staging / "model.onnx", manifest, checks)
         write_manifest(staging, manifest)
         replace_dir(staging, args.output)
     finally:
@@ -82,7 +85,23 @@ def cmd_quantize(args) -> int:
             shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.output}: {facts['quantize_nodes']} QuantizeLinear ({facts['method']}, {facts['images']} images); "
           f"ONNX Runtime integer kernels: {facts['integer_ops']}")
+    if "tensorrt_rtx" in checks:
+        from export.trt_rtx import describe_check
+        print(describe_check(checks["tensorrt_rtx"]) + ": passed")
     return 0
+
+
+def _tensorrt_checks(onnx_path: Path, manifest: dict, checks: dict) -> None:
+    """The graph a device's TensorRT will get: the static check, then TensorRT-RTX's parser and
+    builder where it imports (both raise, one line, naming the node)."""
+    from export.trt_check import check_graph
+    from export.trt_rtx import rtx_check
+
+    check_graph(onnx_path, manifest.get("export", {}).get("target", "trt10"))
+    checks.pop("tensorrt_rtx", None)
+    entry = rtx_check(onnx_path, manifest["batch"], "int8", manifest.get("export", {}).get("fp32_nodes", []))
+    if entry is not None:
+        checks["tensorrt_rtx"] = entry
 
 
 def cmd_report(args) -> int:
@@ -100,6 +119,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"sample": cmd_sample, "quantize": cmd_quantize, "report": cmd_report}[args.command](args)
-    except (BundleError, DatasetError, FileNotFoundError, ValueError) as exc:
+    except (BundleError, DatasetError, FileNotFoundError, ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

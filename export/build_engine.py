@@ -27,7 +27,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: python export/build_engine.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.bundle import describe, file_entry, load_bundle, write_manifest  # noqa: E402
+from runtime.bundle import ENGINE_BACKENDS, describe, file_entry, load_bundle, write_manifest  # noqa: E402
 from runtime import units  # noqa: E402
 from runtime.files import replace_dir  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
@@ -66,6 +66,9 @@ def choose_backend(requested: str) -> tuple:
     trt_ver, gpu = tensorrt_version(), gpu_info()
     if requested == "onnxruntime":
         return "onnxruntime", "requested"
+    if requested == "tensorrt-rtx":
+        from export.trt_rtx import require_rtx
+        return "tensorrt-rtx", f"TensorRT-RTX {require_rtx().__version__}: ahead-of-time engine for RTX GPUs, no GPU needed here"
     if trt_ver and gpu:
         return "tensorrt", f"TensorRT {trt_ver} and {gpu['name']} found"
     why = "TensorRT does not import" if not trt_ver else "no usable CUDA GPU"
@@ -128,6 +131,8 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
         check_graph(str(fp32_path), target)
     specs = io_specs(fp32_path)
     checks = {"onnx_checker": True, "tensorrt_static_check": target, "onnx_ops": ops}
+    if backend != "tensorrt-rtx":  # there, building the engine is this check
+        _rtx_check(fp32_path, args.batch, args.precision, islands, checks)
     if not args.skip_parity:
         checks["parity_vs_pytorch"] = _parity(model, cfg, fp32_path, split)
         step(f"ONNX Runtime vs PyTorch on {checks['parity_vs_pytorch']['images']} sample images: "
@@ -182,6 +187,16 @@ def _quantize(args, pre, onnx_path: Path, islands, implicit: bool) -> dict:
     return facts
 
 
+def _rtx_check(onnx_path: Path, batch: dict, precision: str, islands, checks: dict) -> None:
+    """TensorRT's own parser and builder on the graph, wherever TensorRT-RTX imports (no GPU needed)."""
+    from export.trt_rtx import describe_check, rtx_check
+
+    entry = rtx_check(onnx_path, batch, precision, islands)
+    if entry is not None:
+        checks["tensorrt_rtx"] = entry
+        step(describe_check(entry) + ": passed")
+
+
 def _trt_strongly_typed() -> bool:
     from export.trt_builder import capabilities
     return capabilities()["strongly_typed"]
@@ -220,8 +235,10 @@ def _parity(model, cfg, onnx_path: Path, split: Optional[dict] = None) -> dict:
 
 def add_engine(args, staging: Path, manifest: dict) -> None:
     from export.trt_builder import build_engine
+    from runtime.trt_env import tensorrt_module
 
-    t = step(f"building TensorRT {tensorrt_version()} engine ({manifest['precision']}, batch "
+    backend = manifest["backend"]
+    t = step(f"building {backend} {tensorrt_version(backend)} engine ({manifest['precision']}, batch "
              f"{manifest['batch']['min']}:{manifest['batch']['opt']}:{manifest['batch']['max']})")
     calibrator = None
     if manifest.get("calibration", {}).get("mode") == "implicit":
@@ -230,13 +247,15 @@ def add_engine(args, staging: Path, manifest: dict) -> None:
         data = getattr(args, "calibration_data", None)
         calibrator = make_entropy_calibrator(data if data is not None else np.zeros((0, 3, h, w), np.float32),
                                              staging / CACHE_NAME)
-    facts = build_engine(staging / "model.onnx", staging / "engine.plan", next(iter(manifest["inputs"])),
-                         manifest["preprocessing"]["size"], manifest["batch"], manifest["precision"],
-                         manifest["export"].get("fp32_nodes", []), workspace=args.workspace,
+    facts = build_engine(staging / "model.onnx", staging / "engine.plan", manifest["batch"], manifest["precision"],
+                         fp32_nodes=manifest["export"].get("fp32_nodes", []), workspace=args.workspace,
                          timing_cache=args.timing_cache, opt_level=args.opt_level,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
-                         calibrator=calibrator)
+                         calibrator=calibrator, trt=tensorrt_module(backend))
     manifest["tensorrt"] = facts
+    if backend == "tensorrt-rtx":
+        from export.trt_rtx import check_entry
+        manifest.setdefault("checks", {})["tensorrt_rtx"] = check_entry(facts)
     step(f"engine built in {time.time() - t:.1f} s")
 
 
@@ -272,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",
                    help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands); "
                         "int8 (Q/DQ graph calibrated on --calibration-images)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), default="auto",
-                   help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "tensorrt-rtx", "onnxruntime"), default="auto",
+                   help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU); "
+                        "tensorrt-rtx: a TensorRT-RTX engine for RTX GPUs, built ahead of time (no GPU needed)")
     p.add_argument("--batch", type=parse_batch, default=None, metavar="MIN:OPT:MAX",
                    help="optimisation profile of the batch axis (default 1:8:32)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -315,15 +335,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.batch_given = args.batch is not None
     if args.batch is None:
         args.batch = parse_batch("1:8:32")
-    backend, why = choose_backend(args.backend)
-    print(f"[build] backend: {backend} ({why})", file=sys.stderr)
-    if args.target is None:
-        if backend == "tensorrt":
-            from export.trt_builder import default_target
-            args.target = default_target()
-        else:
-            args.target = "trt10"
     try:
+        backend, why = choose_backend(args.backend)
+        print(f"[build] backend: {backend} ({why})", file=sys.stderr)
+        if args.target is None:
+            if backend == "tensorrt":
+                from export.trt_builder import default_target
+                args.target = default_target()
+            else:
+                args.target = "trt10"
         if args.from_bundle:
             output = args.output or args.from_bundle
             _write_bundle(output, lambda staging: _from_bundle(args, staging, backend))
@@ -351,7 +371,7 @@ def _write_bundle(output: Path, fill) -> None:
 
 def _from_model(args, staging: Path, backend: str) -> dict:
     manifest = export_bundle(args, staging, backend)
-    if backend == "tensorrt":
+    if backend in ENGINE_BACKENDS:
         add_engine(args, staging, manifest)
     return manifest
 
@@ -369,13 +389,16 @@ def _from_bundle(args, staging: Path, backend: str) -> dict:
     manifest.update(backend=backend, files=graph_files)
     if args.batch_given:
         manifest["batch"] = args.batch
-    if backend == "tensorrt":
+    if backend in ENGINE_BACKENDS:
         add_engine(args, staging, manifest)
+    if backend != "tensorrt-rtx":
+        _rtx_check(staging / "model.onnx", manifest["batch"], manifest["precision"],
+                   manifest["export"].get("fp32_nodes", []), manifest.setdefault("checks", {}))
     return manifest
 
 
 def _summary(output: Path) -> None:
-    bundle = load_bundle(output)
+    bundle = load_bundle(output, check_engine=False)  # an engine for another GPU (TensorRT-RTX) is described here
     for line in describe(bundle):
         print(line)
     for role, entry in bundle.manifest["files"].items():
@@ -384,6 +407,9 @@ def _summary(output: Path) -> None:
     passed = ["manifest and sha256 verified", "onnx.checker"]
     if "tensorrt_static_check" in checks:
         passed.append(f"TensorRT static check ({checks['tensorrt_static_check']})")
+    if "tensorrt_rtx" in checks:
+        from export.trt_rtx import describe_check
+        passed.append(describe_check(checks["tensorrt_rtx"]))
     if "parity_vs_pytorch" in checks:
         passed.append(f"parity vs PyTorch (min cosine {checks['parity_vs_pytorch']['min_cosine']:.6f})")
     print("  checks passed: " + ", ".join(passed))

@@ -18,7 +18,8 @@ from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "tensorrt")
+ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")  # engine.plan, run by runtime/backends/tensorrt_backend.py
+BACKENDS = ("onnxruntime",) + ENGINE_BACKENDS
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED = ("format_version", "model", "preprocessing", "precision", "backend", "inputs", "outputs",
             "batch", "files", "weights", "build")
@@ -135,16 +136,17 @@ def verify_files(folder: Path, manifest: dict) -> None:
             raise BundleError(f"{f}: sha256 differs from the manifest (corrupted or replaced); rebuild the bundle")
 
 
-def load_bundle(folder: Union[str, Path], verify: bool = True) -> Bundle:
-    """Read and verify a bundle; for TensorRT also check the installed TensorRT and GPU."""
+def load_bundle(folder: Union[str, Path], verify: bool = True, check_engine: bool = True) -> Bundle:
+    """Read and verify a bundle; for engines also check the installed TensorRT and GPU
+    (``check_engine=False``: a build host describing an engine it cannot run)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     bundle = Bundle(folder, manifest)
     if verify:
         verify_files(folder, manifest)
-    if manifest["backend"] == "tensorrt":
+    if check_engine and manifest["backend"] in ENGINE_BACKENDS:
         from .trt_env import check_engine_compatible
-        check_engine_compatible(manifest.get("tensorrt", {}), bundle.rebuild_hint, folder)
+        check_engine_compatible(manifest.get("tensorrt", {}), bundle.rebuild_hint, folder, manifest["backend"])
     return bundle
 
 

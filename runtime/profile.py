@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .backends import open_backend
-from .bundle import Bundle, describe
+from .bundle import ENGINE_BACKENDS, Bundle, describe
 from .encoder import decode
 from .files import atomic_write
 from .preprocess import list_images
@@ -49,7 +49,7 @@ def profile_bundle(bundle: Bundle, batches: Sequence[int], iterations: int = 20,
                    images: Optional[Path] = None, map_size: int = 10000, rerank: int = 0,
                    threads: Optional[int] = None) -> dict:
     backend = open_backend(bundle, threads=threads)
-    if bundle.backend == "tensorrt":
+    if bundle.backend in ENGINE_BACKENDS:
         backend.enable_profiling()
     results: Dict[str, dict] = {}
     max_b = max(batches)
@@ -121,7 +121,7 @@ def profile_bundle(bundle: Bundle, batches: Sequence[int], iterations: int = 20,
         "per_image": pre_timer.summary(), "batches": results, "peak_rss_mb": peak_rss_mb(),
         "summary": describe(bundle),
     }
-    if bundle.backend == "tensorrt":
+    if bundle.backend in ENGINE_BACKENDS:
         report["device_memory_mb"] = backend.device_memory_bytes() / 2 ** 20
         report["layers"] = backend.layer_times()
     backend.close()

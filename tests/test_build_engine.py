@@ -15,6 +15,7 @@ from export.onnx_export import export_onnx  # noqa: E402
 from export.precision import to_fp16  # noqa: E402
 from export.registry import list_models  # noqa: E402
 from export.trt_check import TensorRTCompatibilityError, check_graph, find_problems  # noqa: E402
+from export.trt_rtx import rtx_available  # noqa: E402
 from export.zoo import create_model  # noqa: E402
 from reference import DATA, ROOT, fixture, image_path, save_official_checkpoint, spec  # noqa: E402
 from runtime.backends import open_backend  # noqa: E402
@@ -60,6 +61,9 @@ def test_build_writes_a_verified_bundle_and_a_summary(small_bundle):
     assert m["weights"]["random_weights"] is True and m["export"]["opset"] == 17
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
     assert not list(out.parent.glob(".*partial*"))
+    if rtx_available():  # TensorRT's own parser and builder checked the graph, with the bundle's profile
+        assert m["checks"]["tensorrt_rtx"]["profile"] == m["batch"] and m["checks"]["tensorrt_rtx"]["engine_bytes"] > 0
+        assert "TensorRT-RTX" in proc.stdout.splitlines()[-1] and "parse + AOT build" in proc.stdout
 
 
 def test_salad_bundle_reproduces_official_descriptors(tmp_path):
