@@ -20,7 +20,11 @@ Recall is measured against exact inner-product search over the store (a streamed
 its rows); the cost of the float16 store is the agreement of that exact top-1 with exact top-1 over
 the float32 rows (regenerated chunk by chunk; ``--no-fp32-truth`` skips it).
 
-    python benchmarks/maps.py --n 100000 --dim 8448 [--index auto] [--memory-budget 1GB] [--keep DIR]
+    python benchmarks/maps.py --n 100000 --dim 8448 [--index auto] [--memory-budget 1GB] [--keep]
+    python benchmarks/maps.py --reuse DIR --settings 32:100,64:50   # probe a kept map again
+
+``--keep`` keeps the map with its queries and their exact truth (``queries.npy``, ``truth16.npy``,
+``truth32.npy``), so that search settings can be compared again without building.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import numpy as np
 
 from common import ROOT, save, table
 
+from runtime.maps import index as index_module  # noqa: E402
 from runtime.maps import load_map, map_info, open_build  # noqa: E402
 from runtime.units import parse_size  # noqa: E402
 
@@ -163,15 +168,14 @@ for nprobe, shortlist in {settings!r}:
         m.meta["index"]["params"]["shortlist"] = shortlist
         faiss.extract_index_ivf(m.index).nprobe = nprobe
     for cache in ("warm", "cold"):
-        if cache == "cold":
-            if m.kind != "ivfpq":
-                continue
-            fadvise_out()
-        m.search(q[:5], 10)
-        if cache == "cold":
-            fadvise_out()
+        if cache == "cold" and m.kind != "ivfpq":
+            continue
+        if cache == "warm":
+            m.search(q, 10)  # every row these queries re-rank is now in the page cache
         lat, ids = [], []
         for i in range(len(q)):
+            if cache == "cold":
+                fadvise_out()  # none of them is
             t = time.perf_counter()
             _, r = m.search(q[i:i + 1], 10)
             lat.append((time.perf_counter() - t) * 1000)
@@ -200,6 +204,31 @@ def recall(ids: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ids, truth)]))
 
 
+def build(args, folder: Path) -> dict:
+    """Stream the generated map into ``folder``; returns the build's figures and the queries."""
+    ident = {"model": "synthetic-route", "dim": args.dim, "preprocessing": {}, "batch_mode": "independent",
+             "weights": "synthetic", "precision": "fp32", "onnx_sha256": ""}
+    queries: list = []
+    gen_s = 0.0
+    t0 = time.perf_counter()
+    with open_build(folder, ident, args.index, args.memory_budget, args.store_dtype) as w:
+        it = route_views(args.n, args.dim, 0, args.traversals, args.queries, queries)
+        while True:
+            t = time.perf_counter()
+            try:
+                names, x = next(it)
+            except StopIteration:
+                break
+            gen_s += time.perf_counter() - t
+            w.append(names, x)
+        store_s = time.perf_counter() - t0
+        w.commit()
+    build_s = time.perf_counter() - t0
+    return {"build_s": build_s, "generate_s": gen_s, "store_s_incl_generate": store_s, "index_s": build_s - store_s,
+            "build_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "queries": np.stack(queries).astype(np.float32)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000, help="map size")
@@ -208,47 +237,48 @@ def main() -> int:
     p.add_argument("--traversals", type=int, default=4)
     p.add_argument("--index", default="auto")
     p.add_argument("--memory-budget", type=parse_size, default=parse_size("1GB"))
+    p.add_argument("--coarse", choices=("auto", "hnsw"), default="auto",
+                   help="hnsw: the HNSW coarse quantizer at any size (as from 1M places up), to study it on small maps")
     p.add_argument("--settings", default="32:100", help="nprobe:shortlist pairs to time, e.g. 16:100,32:100,32:200")
     p.add_argument("--store-dtype", default="float16", choices=("float16", "float32"))
     p.add_argument("--threads", default="2", help="search threads to time, e.g. 1,2 (each in a fresh process)")
     p.add_argument("--workdir", type=Path, default=None, help="where the map is written (default: a temporary folder)")
-    p.add_argument("--keep", action="store_true", help="keep the map afterwards")
+    p.add_argument("--keep", action="store_true", help="keep the map, its queries and their exact truth afterwards")
+    p.add_argument("--reuse", type=Path, default=None, help="probe a map kept by --keep (the folder printed)")
     p.add_argument("--no-fp32-truth", action="store_true",
                    help="skip exact search over the float32 rows (the float16 store's cost; halves the truth pass)")
     args = p.parse_args()
     settings = [tuple(int(v) for v in s.split(":")) for s in args.settings.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="vpr-maps-", dir=args.workdir))
+    if args.coarse == "hnsw":
+        index_module.HNSW_COARSE_LISTS = 0
+    tmp = args.reuse or Path(tempfile.mkdtemp(prefix="vpr-maps-", dir=args.workdir))
     folder = tmp / "map"
     try:
         load_before = os.getloadavg()
-        ident = {"model": "synthetic-route", "dim": args.dim, "preprocessing": {}, "batch_mode": "independent",
-                 "weights": "synthetic", "precision": "fp32", "onnx_sha256": ""}
-        queries: list = []
-        gen_s = 0.0
-        t0 = time.perf_counter()
-        with open_build(folder, ident, args.index, args.memory_budget, args.store_dtype) as w:
-            it = route_views(args.n, args.dim, 0, args.traversals, args.queries, queries)
-            while True:
-                t = time.perf_counter()
-                try:
-                    names, x = next(it)
-                except StopIteration:
-                    break
-                gen_s += time.perf_counter() - t
-                w.append(names, x)
-            store_s = time.perf_counter() - t0
-            w.commit()
-        build_s = time.perf_counter() - t0
-        build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        q = np.stack(queries).astype(np.float32)
-        m = load_map(folder)
+        if args.reuse:
+            built = json.loads((tmp / "build.json").read_text())
+            q = np.load(tmp / "queries.npy")
+            truth16 = np.load(tmp / "truth16.npy")
+            truth32 = np.load(tmp / "truth32.npy") if (tmp / "truth32.npy").exists() else None
+        else:
+            built = build(args, folder)
+            q = built.pop("queries")
+            np.save(tmp / "queries.npy", q)
+            m = load_map(folder)
+            t = time.perf_counter()
+            truth16 = exact_topk((x for _, x in m.descriptors.chunks(8192)), q)  # over the store
+            built["truth_s"] = time.perf_counter() - t
+            m.close()
+            np.save(tmp / "truth16.npy", truth16)
+            truth32 = None
+            if not args.no_fp32_truth:  # the float32 rows, regenerated
+                truth32 = exact_topk((x for _, x in route_views(args.n, args.dim, 0, args.traversals)), q)
+                np.save(tmp / "truth32.npy", truth32)
+            (tmp / "build.json").write_text(json.dumps(built))
+        m = load_map(folder, verify="none")
         info = map_info(m)
-        t = time.perf_counter()
-        truth16 = exact_topk((x for _, x in m.descriptors.chunks(8192)), q)  # over the store
-        truth_s = time.perf_counter() - t
+        params = dict(m.meta["index"].get("params", {}))
         m.close()
-        truth32 = None if args.no_fp32_truth else exact_topk(
-            (x for _, x in route_views(args.n, args.dim, 0, args.traversals)), q)  # the float32 rows, regenerated
         rows, runs = [], []
         for threads in [int(v) for v in args.threads.split(",")]:
             res = probe(folder, q, settings, threads, tmp)
@@ -261,13 +291,12 @@ def main() -> int:
             r = run  # its figures are added in place
             r.update(p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95)),
                      r1=recall(ids, truth16, 1), r10=recall(ids, truth16, 10))
-            rows.append([args.n, args.dim, info["index"], r["threads"], f"{r['nprobe']}/{r['shortlist']}", r["cache"],
-                         r["p50_ms"], r["p95_ms"], r["r1"], r["r10"]])
+            rows.append([info["count"], info["dim"], info["index"], r["threads"], f"{r['nprobe']}/{r['shortlist']}",
+                         r["cache"], r["p50_ms"], r["p95_ms"], r["r1"], r["r10"]])
         resident = res["rss_anon_end"] - res["rss_anon_before"]
-        summary = {"n": args.n, "dim": args.dim, "index": info["index"], "build_s": build_s, "generate_s": gen_s,
-                   "store_s_incl_generate": store_s, "index_s": build_s - store_s, "truth_s": truth_s,
-                   "build_peak_rss_mb": build_peak / 2 ** 20, "load_s": res["load_s"],
-                   "resident_mb": resident / 2 ** 20, "store_mb": info["store_bytes"] / 2 ** 20,
+        summary = {**built, "n": info["count"], "dim": info["dim"], "index": info["index"], "params": params,
+                   "load_s": res["load_s"], "resident_mb": resident / 2 ** 20,
+                   "store_mb": info["store_bytes"] / 2 ** 20,
                    "store_pages_resident_mb": res["rss_file_end"] / 2 ** 20,
                    "fp16_store_top1_agreement": None if truth32 is None else recall(truth16, truth32, 1),
                    "index_estimate_mb": info["index_bytes_estimate"] / 2 ** 20,
@@ -276,16 +305,17 @@ def main() -> int:
                      "R@10 vs exact"], rows))
         print(table(["build s", "of which generating", "index s", "build peak RSS MB", "load s", "resident MB",
                      "store MB (on disk)", "fp16 top-1 = fp32 top-1", "load avg"],
-                    [[build_s, gen_s, summary["index_s"], summary["build_peak_rss_mb"], res["load_s"],
-                      summary["resident_mb"], summary["store_mb"], str(summary["fp16_store_top1_agreement"]),
+                    [[built["build_s"], built["generate_s"], built["index_s"], built["build_peak_rss_mb"],
+                      res["load_s"], summary["resident_mb"], summary["store_mb"],
+                      str(summary["fp16_store_top1_agreement"]),
                       f"{load_before[0]:.1f}-{summary['load_average_after'][0]:.1f}"]]))
-        print("wrote", save(f"maps-{args.n}", {"args": {k: str(v) for k, v in vars(args).items()},
-                                                "summary": summary, "runs": runs}))
+        print("wrote", save(f"maps-{info['count']}", {"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "summary": summary, "runs": runs}))
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print("map kept in", folder)
+        elif not args.reuse:
+            print("map kept in", tmp, "(probe it again with --reuse)")
     return 0
 
 

@@ -86,7 +86,7 @@ def test_ivf_uses_an_hnsw_coarse_quantizer_for_large_maps(tmp_path, monkeypatch)
     import faiss
 
     import runtime.maps.index as index_module
-    monkeypatch.setattr(index_module, "HNSW_COARSE_MIN", 2000)  # as at 1M images, on a small map
+    monkeypatch.setattr(index_module, "HNSW_COARSE_LISTS", 8)  # as for the largest maps, on a small one
     x = clustered(3000, 64)
     m = save_map(tmp_path / "m", x, [str(i) for i in range(3000)], ID, index_type="ivfpq")
     assert m.meta["index"]["params"]["coarse"] == "hnsw"
@@ -263,3 +263,67 @@ def test_poses_from_csv_and_json(tmp_path):
     (tmp_path / "bad.csv").write_text("name,x\na.jpg,notanumber\n")
     with pytest.raises(MapError, match="unreadable poses"):
         read_poses(tmp_path / "bad.csv", ["a.jpg"])
+
+
+def test_coarse_quantizer_is_flat_up_to_8192_lists_and_hnsw_beyond():
+    from runtime.maps.index import ivf_params
+    assert ivf_params(1_000_000, 8448)["nlist"] == 4096 and ivf_params(1_000_000, 8448)["coarse"] == "flat"
+    assert ivf_params(4_000_000, 8448)["nlist"] == 8192 and ivf_params(4_000_000, 8448)["coarse"] == "flat"
+    assert ivf_params(20_000_000, 8448)["nlist"] == 16384 and ivf_params(20_000_000, 8448)["coarse"] == "hnsw"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_ivfpq_search_reranks_its_shortlist_exactly_from_the_store(tmp_path, dtype):
+    x = clustered(4000, 64)
+    folder = tmp_path / "m"
+    save_map(folder, x[:2500], [f"a{i}" for i in range(2500)], ID, index_type="ivfpq", store_dtype=dtype).close()
+    m = add_to_map(load_map(folder), x[2500:], [f"b{i}" for i in range(1500)])  # two segments
+    rows = np.asarray(m.descriptors, dtype=np.float32)  # what the store holds (float16 rounding included)
+    q = noisy(x, np.arange(0, 4000, 37), seed=3)
+    for k in (1, 10, 300):  # 300: a shortlist longer than the scorer's first buffer
+        scores, ids = m.search(q, k)
+        _, cand = m.index.search(q, max(100, k))
+        for i in range(len(q)):
+            short = np.unique(cand[i][cand[i] >= 0])
+            exact = rows[short] @ q[i]
+            order = np.argsort(-exact, kind="stable")[:k]
+            np.testing.assert_allclose(scores[i], exact[order], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(rows[ids[i]] @ q[i], scores[i], rtol=0, atol=1e-5)  # ids match their scores
+            assert set(ids[i]) <= set(short)
+    # a batch is searched like its queries one by one
+    one = np.concatenate([m.search(q[i:i + 1], 5)[1] for i in range(len(q))])
+    np.testing.assert_array_equal(m.search(q, 5)[1], one)
+
+
+def test_store_rows_are_read_in_runs_across_segments(tmp_path):
+    from runtime.maps.search import StoreFiles
+    x = clustered(300, 64)
+    folder = tmp_path / "m"
+    save_map(folder, x[:100], [f"a{i}" for i in range(100)], ID, store_dtype="float16").close()
+    m = add_to_map(load_map(folder), x[100:], [f"b{i}" for i in range(200)])
+    paths = [folder / "segments" / s["name"] / "descriptors.f16" for s in m.meta["segments"]]
+    store = StoreFiles(paths, [100, 200], 64 * 2)
+    ids = np.array([0, 1, 2, 50, 98, 99, 100, 101, 180, 299])
+    assert [(s, first, b - a) for s, first, a, b in store.runs(ids)] == [
+        (0, 0, 3), (0, 50, 1), (0, 98, 2), (1, 0, 2), (1, 80, 1), (1, 199, 1)]  # runs never cross segments
+    out = np.zeros((len(ids), 64 * 2), np.uint8)
+    store.read(ids, out)
+    np.testing.assert_array_equal(out.view(np.float16), np.asarray(m.descriptors)[ids])
+
+
+def test_a_store_truncated_after_loading_is_named_when_searched(tmp_path):
+    x = clustered(2000, 64)
+    m = save_map(tmp_path / "m", x, [str(i) for i in range(2000)], ID, index_type="ivfpq")
+    store = tmp_path / "m" / "segments" / "s000001" / "descriptors.f32"
+    os.truncate(store, 64 * 4 * 10)  # rows beyond the 10th are gone
+    with pytest.raises(MapError, match="descriptors.f32: .* bytes where .* expected .*map verify"):
+        m.search(x[1500:1501], 5)
+
+
+def test_small_batches_leave_faiss_threads_as_they_were(tmp_path):
+    import faiss
+    m = save_map(tmp_path / "m", clustered(2000, 64), [str(i) for i in range(2000)], ID, index_type="ivfpq")
+    before = faiss.omp_get_max_threads()
+    m.search(clustered(3, 64, seed=4), 5)
+    m.search(clustered(20, 64, seed=4), 5)
+    assert faiss.omp_get_max_threads() == before

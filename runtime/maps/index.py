@@ -7,11 +7,20 @@ stay available with ``--index``. Measured in BENCHMARKS.md §5.
 
 PCA + IVF-PQ (the recipe of shared/research/round2-anchors.md §5, autofaiss' choice at 1M): PCA
 to 256-D by a randomized SVD (seconds at 8448-D, where faiss's PCAMatrix eigen-decomposes the
-full covariance on one thread), an IVF whose coarse quantizer is an HNSW graph over the
-centroids from 1M descriptors up (flat below), PQ codes of 4 dimensions per byte on the
-residuals, L2 in PCA space (the original vectors are unit-length, so L2 there ranks like the
+full covariance on one thread), an IVF of 4 sqrt(n) lists, PQ codes of 4 dimensions per byte on
+the residuals, L2 in PCA space (the original vectors are unit-length, so L2 there ranks like the
 inner product, and it needs no re-normalisation after the projection). The shortlist is then
-re-ranked exactly from the store.
+re-ranked exactly from the store (search.py).
+
+The coarse quantizer is flat (exact) up to 8192 lists (8M places) and an HNSW graph over the
+centroids beyond. Measured at 200k x 8448 (2048 lists, BENCHMARKS.md §5): the flat quantizer
+finds a query's 32 lists in 0.09 ms; an HNSW32 graph over the same centroids took 0.2 ms at
+efSearch 256 and still missed a quarter of those lists for queries under an unseen appearance
+(they lie far from every centroid, nearly equidistant from most), which cut R@1 to 0.76 against
+1.00 with the flat quantizer. Flat costs nlist x 256 multiply-adds per query (0.35 ms at 8192
+lists, twice that at 16384); from 16384 lists the graph is used, searched deeply (efSearch 1024:
+0.999 of the exact lists at 2048 centroids, 0.7 ms) and with the rows assigned at efSearch 512
+(0.998 of them to their nearest list).
 
 Incremental: the index is trained once, on a seeded sample of the map (bounded: 30k rows for the
 PCA, 40 per centroid for the IVF, 200k at most). Each segment's part (its inverted-list numbers
@@ -34,7 +43,7 @@ from .layout import MapError
 INDEX_TYPES = ("flat", "sqfp16", "hnsw", "ivfpq")
 FLAT_MAX = 100_000  # above this, brute force costs > 0.2 s per 8448-D query on 2 cores (BENCHMARKS.md §5)
 IVFPQ_MIN = 1000  # IVF-PQ needs this many vectors to train
-HNSW_COARSE_MIN = 1_000_000  # an HNSW graph over the IVF centroids from this size up
+HNSW_COARSE_LISTS = 16_384  # an HNSW graph over the IVF centroids from this many lists up (module doc)
 HNSW_M = 32
 PCA_DIM = 256
 PCA_SAMPLE = 30_000
@@ -49,7 +58,7 @@ def ivf_params(n: int, d: int) -> dict:
     nlist = int(2 ** round(math.log2(max(8.0, 4 * math.sqrt(n)))))
     nlist = max(8, min(nlist, n // IVF_SAMPLE_PER_LIST, 65536))
     return {"pca_dim": pca, "nlist": nlist, "pq_m": max(1, pca // 4), "nbits": 8,
-            "coarse": "hnsw" if n >= HNSW_COARSE_MIN else "flat", "nprobe": min(nlist, 32),
+            "coarse": "hnsw" if nlist >= HNSW_COARSE_LISTS else "flat", "nprobe": min(nlist, 32),
             "shortlist": 100}
 
 
@@ -141,7 +150,7 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     if p["coarse"] == "hnsw":
         ivf.clustering_index = faiss.IndexFlatL2(dp)  # exact k-means; the graph only serves assignment
         quantizer.hnsw.efConstruction = 40
-        quantizer.hnsw.efSearch = 128  # assigning the map's rows to lists: exact enough at 4096+ lists
+        quantizer.hnsw.efSearch = 512  # assigning the map's rows to their lists (module doc)
     ivf.cp.niter = 10
     ivf.cp.seed = ivf.pq.cp.seed = SEED
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # sample sizes are ours (quiet)
@@ -197,10 +206,8 @@ def fill_ivfpq(trained: faiss.Index, parts: Iterable[Tuple[int, Dict[str, np.nda
 def set_search_params(index: faiss.Index, params: dict) -> None:
     ivf = _ivf(index)
     ivf.nprobe = min(int(params["nprobe"]), ivf.nlist)
-    if params.get("coarse") == "hnsw":
-        # 200k x 256, 2048 lists: the true top-1 reached the shortlist for 87 % of queries at efSearch 16,
-        # 99 % at 64, 100 % at 256 (BENCHMARKS.md §5); 256 costs ~0.1 ms over a few thousand centroids
-        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(256, 8 * ivf.nprobe)
+    if params.get("coarse") == "hnsw":  # queries choose their lists deeply (module doc)
+        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(1024, 16 * ivf.nprobe)
 
 
 def new_hnsw(d: int) -> faiss.Index:

@@ -1,4 +1,4 @@
-"""Loading a map: lease the current version, check its files, memory-map the stores, assemble
+"""Loading a map: lease the current version, check its files, open the stores, assemble
 the index. Loading never waits for a writer and never sees half a version.
 
 What loading checks (``verify``): ``quick`` (the default) checks the size of every file and the
@@ -21,7 +21,8 @@ from ..files import sha256_file
 from .index import filled_flat, fill_ivfpq
 from .layout import MapError, read_manifest, segment_dir, store_file, training_dir, version_path
 from .lock import Lease, take_lease
-from .store import Rows, open_rows
+from .search import ShortlistSearch
+from .store import Rows
 
 QUICK_HASH_MAX = 256 << 20
 VERIFY_LEVELS = ("none", "quick", "full")
@@ -34,12 +35,13 @@ class PlaceMap:
     folder: Path
     meta: dict
     version: str
-    descriptors: Rows  # memory-mapped segment stores
+    descriptors: Rows  # the segment stores (rows read on demand)
     names: List[str]
     index: faiss.Index
     poses: Optional[np.ndarray] = None
-    local: Optional[Rows] = None  # memory-mapped (N, h, w, c) float16
+    local: Optional[Rows] = None  # (N, h, w, c) float16, read on demand
     lease: Optional[Lease] = field(default=None, repr=False)
+    shortlist: Optional[ShortlistSearch] = field(default=None, repr=False)  # ivfpq: index + exact re-rank
 
     @property
     def kind(self) -> str:
@@ -65,17 +67,8 @@ class PlaceMap:
         if self.kind != "ivfpq":
             return self.index.search(q, k)
         # PQ distances are coarse: re-rank a shortlist exactly from the stored descriptors
-        depth = min(len(self), max(int(self.meta["index"]["params"]["shortlist"]), 16 * k))
-        _, cand = self.index.search(q, depth)
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), k), -1, dtype=np.int64)
-        for i, row in enumerate(cand):
-            row = np.unique(row[row >= 0])
-            exact = self.descriptors[row].astype(np.float32) @ q[i]
-            order = np.argsort(-exact, kind="stable")[:k]
-            ids[i, :len(order)] = row[order]
-            scores[i, :len(order)] = exact[order]
-        return scores, ids
+        depth = min(len(self), max(int(self.meta["index"]["params"]["shortlist"]), k))
+        return self.shortlist.search(q, k, depth)
 
 
 def _check_file(path: Path, entry: dict, verify: str, what: str) -> None:
@@ -130,22 +123,29 @@ def _load(folder: Path, lease: Lease, verify: str) -> PlaceMap:
     for path, entry, what in segment_files(folder, meta):
         _check_file(path, entry, verify, what)
     dtype, d = meta["store_dtype"], meta["dim"]
-    stores, names, poses, local = [], [], [], []
+    segments = meta["segments"]
+    counts = [seg["count"] for seg in segments]
+    names, poses = [], []
     try:
-        for seg in meta["segments"]:
-            where, n = segment_dir(folder, seg["name"]), seg["count"]
-            stores.append(open_rows(where / store_file(dtype), dtype, n, (d,)))
-            names.extend(read_names(where / "names.jsonl", n))
+        for seg in segments:
+            where = segment_dir(folder, seg["name"])
+            names.extend(read_names(where / "names.jsonl", seg["count"]))
             if "poses.npy" in seg["files"]:
                 poses.append(np.load(where / "poses.npy", allow_pickle=False))
-            if seg.get("local_shape"):
-                local.append(open_rows(where / "local.f16", "float16", n, seg["local_shape"]))
-        for extra in (poses, local):
-            if extra and len(extra) != len(stores):
+        with_local = [seg for seg in segments if seg.get("local_shape")]
+        for extra in (poses, with_local):
+            if extra and len(extra) != len(segments):
                 raise MapError(f"{version_path(folder, lease.version)}: some segments have poses or local "
                                "features and others not; rebuild the map")
-        descriptors = Rows(stores)
+        if len({tuple(seg["local_shape"]) for seg in with_local}) > 1:
+            raise MapError(f"{version_path(folder, lease.version)}: segments with local features of different "
+                           "shapes; rebuild the map")
+        descriptors = Rows([segment_dir(folder, seg["name"]) / store_file(dtype) for seg in segments], counts,
+                           dtype, (d,))
+        local = Rows([segment_dir(folder, seg["name"]) / "local.f16" for seg in segments], counts, "float16",
+                     with_local[0]["local_shape"]) if with_local else None
         index = _assemble(folder, meta, descriptors)
+        shortlist = ShortlistSearch(index, descriptors.files, d, dtype) if meta["index"]["type"] == "ivfpq" else None
     except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError on a bad index
         if isinstance(exc, MapError):
             raise
@@ -153,7 +153,7 @@ def _load(folder: Path, lease: Lease, verify: str) -> PlaceMap:
     if index.ntotal != len(names):
         raise MapError(f"{folder} ({lease.version}): {len(names)} names, {index.ntotal} indexed; rebuild the map")
     return PlaceMap(folder, meta, lease.version, descriptors, names, index,
-                    np.concatenate(poses) if poses else None, Rows(local) if local else None, lease)
+                    np.concatenate(poses) if poses else None, local, lease, shortlist)
 
 
 def _assemble(folder: Path, meta: dict, descriptors: Rows) -> faiss.Index:

@@ -30,7 +30,7 @@ from .layout import (FORMAT_VERSION, SEGMENT_RE, STORE_DTYPES, TRAINING_RE, VERS
                      version_path, versions_dir, write_current)
 from .lock import WriterLock, try_claim
 from .reader import PlaceMap, load_map, read_names
-from .store import Rows, SegmentWriter, open_rows
+from .store import Rows, SegmentWriter
 
 CHUNK = 8192
 
@@ -39,8 +39,9 @@ def _entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _segment_rows(folder: Path, dtype: str, seg: dict, dim: int) -> np.ndarray:
-    return open_rows(segment_dir(folder, seg["name"]) / store_file(dtype), dtype, seg["count"], (dim,))
+def _store_rows(folder: Path, dtype: str, segments: List[dict], dim: int) -> Rows:
+    return Rows([segment_dir(folder, s["name"]) / store_file(dtype) for s in segments], [s["count"] for s in segments],
+                dtype, (dim,))
 
 
 class MapWriter:
@@ -152,7 +153,7 @@ class MapWriter:
 
     # -- index -------------------------------------------------------------------------------
     def _rows(self, segments: List[dict]) -> Rows:
-        return Rows([_segment_rows(self.folder, self.store_dtype, s, self.dim) for s in segments])
+        return _store_rows(self.folder, self.store_dtype, segments, self.dim)
 
     def _index(self, segments: List[dict]) -> dict:
         total = sum(s["count"] for s in segments)
@@ -194,7 +195,7 @@ class MapWriter:
         if kind == "hnsw":
             if prev is not None:  # extend a copy of the graph with the new segment
                 index = faiss.read_index(str(training_dir(self.folder, prev["training"]) / "hnsw.faiss"))
-                chunks = (x for _, x in Rows([rows.parts[-1]]).chunks(CHUNK))
+                chunks = (x for _, x in rows.segment(-1).chunks(CHUNK))
             else:
                 index = new_hnsw(self.dim)
                 chunks = (x for _, x in rows.chunks(CHUNK))
@@ -213,8 +214,7 @@ class MapWriter:
         return {"training": name, "params": params, "files": files}
 
     def _write_part(self, path: Path, trained: faiss.Index, seg: dict) -> None:
-        rows = _segment_rows(self.folder, self.store_dtype, seg, self.dim)
-        part = ivfpq_part(trained, (np.asarray(rows[i:i + CHUNK], dtype=np.float32) for i in range(0, len(rows), CHUNK)))
+        part = ivfpq_part(trained, (x for _, x in self._rows([seg]).chunks(CHUNK)))
         atomic_write(path, lambda f: np.savez(f, **part))
 
 
