@@ -266,10 +266,12 @@ def test_poses_from_csv_and_json(tmp_path):
 
 
 def test_coarse_quantizer_is_flat_up_to_8192_lists_and_hnsw_beyond():
-    from runtime.maps.index import ivf_params
+    from runtime.maps.index import index_bytes, ivf_params
     assert ivf_params(1_000_000, 8448)["nlist"] == 4096 and ivf_params(1_000_000, 8448)["coarse"] == "flat"
     assert ivf_params(4_000_000, 8448)["nlist"] == 8192 and ivf_params(4_000_000, 8448)["coarse"] == "flat"
     assert ivf_params(20_000_000, 8448)["nlist"] == 16384 and ivf_params(20_000_000, 8448)["coarse"] == "hnsw"
+    # 1M: codes and ids 72 MB, distance tables 268 MB, PCA 8.7 MB, centroids 4 MB
+    assert 340e6 < index_bytes("ivfpq", 1_000_000, 8448) < 360e6
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])

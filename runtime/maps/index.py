@@ -72,7 +72,8 @@ def index_bytes(kind: str, n: int, d: int) -> int:
         return n * d * 4 + n * HNSW_M * 2 * 4
     p = ivf_params(max(n, IVFPQ_MIN), d)
     coarse = p["nlist"] * p["pca_dim"] * 4 + (p["nlist"] * HNSW_M * 2 * 4 if p["coarse"] == "hnsw" else 0)
-    return n * (p["pq_m"] + 8) + p["pca_dim"] * d * 4 + coarse  # codes + ids + PCA + centroids
+    tables = p["nlist"] * p["pq_m"] * 256 * 4  # faiss's precomputed distance tables (268 MB at 1M)
+    return n * (p["pq_m"] + 8) + p["pca_dim"] * d * 4 + coarse + tables  # codes + ids + PCA + centroids + tables
 
 
 def choose_index(n: int, d: int, budget: Optional[int], requested: str = "auto") -> str:
