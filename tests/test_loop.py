@@ -7,7 +7,7 @@ from PIL import Image
 from runtime.backends import open_backend
 from runtime.bundle import load_bundle
 from runtime.encoder import Encoder
-from runtime.loop import LoopConfig, Localizer
+from runtime.loop import LocalizationLoop, LoopConfig
 from runtime.maps import bundle_identity, save_map
 from runtime.preprocess import preprocess_image
 from runtime.sources import FolderSource, Frame
@@ -34,7 +34,7 @@ def test_folder_loop_localizes_every_frame(tmp_path):
         images[i].save(folder / f"q{i:02d}.png")
     (folder / "q99.png").write_bytes(b"not an image")
     results = []
-    loop = Localizer(enc, place_map, LoopConfig(top_k=3), results.append)
+    loop = LocalizationLoop(enc, place_map, LoopConfig(top_k=3), results.append)
     stats = loop.run(FolderSource(folder))
     assert stats.accounted() and stats.received == 4 and stats.processed == 3 and stats.failed == 1
     good = [r for r in results if "place" in r]
@@ -51,7 +51,7 @@ def test_overload_stays_accounted_and_bounded(tmp_path):
             yield Frame(i, f"f{i}", time.perf_counter(), images[i % len(images)])
 
     results = []
-    loop = Localizer(enc, place_map, LoopConfig(budget_ms=5.0, queue_size=8), results.append)
+    loop = LocalizationLoop(enc, place_map, LoopConfig(budget_ms=5.0, queue_size=8), results.append)
     stats = loop.run(fast_source(), live=True)
     assert stats.accounted() and stats.received == 300
     assert stats.dropped_queue + stats.dropped_stale > 0  # the source outran the loop
@@ -70,6 +70,6 @@ def test_video_file_source(tmp_path):
         writer.write(np.asarray(images[i])[:, :, ::-1].copy())
     writer.release()
     results = []
-    stats = Localizer(enc, place_map, LoopConfig(top_k=1), results.append).run(open_source(str(path)))
+    stats = LocalizationLoop(enc, place_map, LoopConfig(top_k=1), results.append).run(open_source(str(path)))
     assert stats.processed == 3 and stats.accounted()
     assert [r["place"] for r in results] == ["p2", "p5", "p9"]
