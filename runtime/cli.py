@@ -347,7 +347,8 @@ def cmd_evaluate(args) -> int:
               f"(precision {target['precision']:.4f}, recall {target['recall']:.4f}, {target['accepted']} accepted)")
     else:
         print(f"no score threshold reaches precision {args.target_precision:g}")
-    title = f"{res['bundle']['model']} {res['bundle']['precision']} on {Path(str(ds.root)).name} ({rule.describe()})"
+    swept = rule.describe().replace("any score", "score threshold swept")
+    title = f"{res['bundle']['model']} {res['bundle']['precision']} on {Path(str(ds.root)).name} ({swept})"
     if plot_precision_recall(dec, points, args.pr_curve, title):
         print(f"wrote {args.pr_curve}")
     else:

@@ -15,6 +15,7 @@ wrong acceptance.
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -114,7 +115,8 @@ def plot_precision_recall(pr: Dict[str, List[float]], points: dict, path: Path, 
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(pr["recall"], pr["precision"], "-", drawstyle="steps-post", label="accepted matches")
+    # from the strictest threshold to the loosest: recall grows
+    ax.plot(pr["recall"][::-1], pr["precision"][::-1], ".-", markersize=3, label="accepted matches")
     target = points["at_target"]
     if target:
         ax.plot([target["recall"]], [target["precision"]], "o",
@@ -123,7 +125,7 @@ def plot_precision_recall(pr: Dict[str, List[float]], points: dict, path: Path, 
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 60), fontsize=8)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
