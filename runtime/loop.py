@@ -5,7 +5,8 @@ length.
 A reader thread takes frames from the source into a bounded buffer: a live source never waits
 (when the buffer is full its oldest frame is dropped), a recorded one waits for room. The worker
 (the thread calling ``run``) forms micro-batches: up to the current batch size, or until the
-oldest frame has waited ``batch_wait`` of the budget.
+oldest frame has waited ``batch_wait`` of the budget (not at all when the frames to fill the batch
+are not due within that wait).
 
 **Budget control** (``budget_ms``), built so that it cannot latch:
 
@@ -225,6 +226,8 @@ class LocalizationLoop:
         self.cost = CostModel()  # per batch
         self.rerank_cost = CostModel()  # per frame
         self.ready_delay = CostModel()  # capture to decoded, per frame: latency no batch can avoid
+        self.period = CostModel()  # ms between consecutive frames reaching the worker
+        self._last_arrival: Optional[float] = None
         self.best_effort_note: Optional[str] = None
         self.source_error: Optional[str] = None
         self.source = None
@@ -310,15 +313,23 @@ class LocalizationLoop:
         """The next batch to process; [] when there is none yet; None at the end of the source."""
         cfg, budget = self.cfg, self.cfg.budget_ms
         stopping = lambda: self._stop is not None  # noqa: E731
-        if not buffer.wait(1, time.perf_counter() + 0.1, stopping):
+        have = buffer.wait(1, time.perf_counter() + 0.1, stopping)
+        if not have:
             return None if buffer.closed else []
         if budget:
+            # wait for a fuller batch only when the frames it needs are due within the wait allowed
+            wait_ms = budget * cfg.batch_wait
             oldest = buffer.oldest()
-            if oldest is not None and self.batch_size > 1:
-                buffer.wait(self.batch_size, oldest.arrival + budget * cfg.batch_wait / 1000, stopping)
+            if self.batch_size > have and oldest is not None \
+                    and self.period.estimate(1) * (self.batch_size - have) <= wait_ms:
+                buffer.wait(self.batch_size, oldest.arrival + wait_ms / 1000, stopping)
         elif not self.live:
             buffer.wait(self.batch_size, math.inf, stopping)  # a recorded source: full batches
         frames = buffer.take_all()
+        for f in frames:
+            if self._last_arrival is not None and f.arrival > self._last_arrival:
+                self.period.observe(1, (f.arrival - self._last_arrival) * 1000)
+            self._last_arrival = f.arrival if self._last_arrival is None else max(self._last_arrival, f.arrival)
         if not budget:
             buffer.give_back(frames[self.batch_size:])
             return frames[:self.batch_size]
