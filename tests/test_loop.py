@@ -216,3 +216,19 @@ def test_camera_empty_frames_fail_and_a_disconnect_ends_the_run(tiny, tmp_path):
     assert stats.received == 6 and stats.processed == 4 and stats.failed == 2 and stats.accounted()
     assert all("empty frame" in r["error"] for r in records if r["status"] == "failed")
     assert loop.end[0] == "disconnected" and loop.summary()["run"] == "live"
+
+
+def test_a_source_that_breaks_ends_the_run_with_its_reason(tiny):
+    bundle, map_dir, images = tiny
+
+    def camera_driver():
+        for i in range(30):
+            yield Frame(i, f"f{i}", time.perf_counter(), images[i % 20])
+        raise OSError("VIDIOC_DQBUF: No such device")
+
+    enc, _ = encoder(bundle)
+    records = []
+    loop = LocalizationLoop(enc, load_map(map_dir), LoopConfig(), records.append)
+    stats = loop.run(camera_driver(), live=False)
+    assert stats.received == 30 == len(records) and stats.processed == 30 and stats.accounted()
+    assert loop.end == ("failed", "OSError: VIDIOC_DQBUF: No such device")

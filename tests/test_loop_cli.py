@@ -166,6 +166,11 @@ def test_evaluate_finds_the_threshold_saves_it_with_the_map_and_localize_uses_it
     # --min-score overrides it
     proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries", "--output", out, "--min-score", -1)
     assert proc.returncode == 0 and all(r["accepted"] for r in read_records(out))
+    # a threshold measured with another model is not used
+    (map_dir / "acceptance.json").write_text(json.dumps({**saved, "bundle": {**saved["bundle"], "model": "other"}}))
+    proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries", "--output", out)
+    assert proc.returncode == 0 and "measured with another model; ignored" in proc.stderr
+    assert all(r["accepted"] for r in read_records(out))
     # a damaged file is named, never a traceback
     (map_dir / "acceptance.json").write_text("{")
     proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries")
