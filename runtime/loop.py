@@ -48,12 +48,13 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from .decisions import DecisionRule
 from .encoder import Encoder
 from .maps import PlaceMap
-from .pipeline import Pipeline
+from .pipeline import OptionError, Pipeline
 from .sources import COMPLETE, Frame
 from .timing import StageTimer
 
@@ -89,6 +90,7 @@ class LoopStats:
     probes: int = 0
     rerank_skipped: int = 0
     batch_shrinks: int = 0
+    batches: int = 0
 
     @property
     def dropped(self) -> int:
@@ -375,6 +377,7 @@ class LocalizationLoop:
 
         matches = self.pipeline.run(batch, start, allow_rerank)
         end = time.perf_counter()
+        self.stats.batches += 1
         self.cost.observe(len(batch), (end - start) * 1000)
         self._last_processed = end
         for m in matches:
@@ -447,7 +450,12 @@ class JsonlWriter:
     holds none of them in memory, and a stopped run leaves whole lines."""
 
     def __init__(self, path) -> None:
-        self.f = open(path, "w")
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(path, "w")
+        except OSError as exc:
+            raise OptionError(f"{path}: cannot write the results here ({exc.strerror or exc})") from exc
         self.lock = threading.Lock()
 
     def __call__(self, record: dict) -> None:
