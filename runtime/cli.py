@@ -257,11 +257,10 @@ def cmd_localize(args) -> int:
     if bundle.batch_mode == "batched":
         print("warning: this bundle's descriptors depend on their batch-mates (CricaVPR batched mode); "
               "the loop's micro-batches change them. Prefer the -independent model for localization.", file=sys.stderr)
-    rule = _decision_rule(args, identity)
+    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=_decision_rule(args, identity))
     recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k]) if args.ground_truth else None
     enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
     source = open_source(args.source, fps=args.fps)
-    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=rule)
     _log_to_stderr()
     writer = JsonlWriter(args.output) if args.output else None
 

@@ -75,6 +75,12 @@ class LoopConfig:
     rule: DecisionRule = field(default_factory=DecisionRule)
     search_threads: Optional[int] = None  # None: 1 for a small map, else FAISS's default; 0: FAISS's default
 
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.budget_ms) and self.budget_ms >= 0):
+            raise OptionError(f"--budget-ms {self.budget_ms}: expected milliseconds >= 0 (0: no budget)")
+        if self.rerank < 0 or self.queue_size < 1 or not 0 <= self.batch_wait <= 1 or self.probe_interval <= 0:
+            raise OptionError(f"loop options out of range: {self}")
+
 
 @dataclass
 class LoopStats:

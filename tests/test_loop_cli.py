@@ -98,7 +98,8 @@ def test_bad_source_and_options_are_one_line_errors(tiny, tmp_path):
     bundle, map_dir, _ = tiny
     for args, why in ((["--source", tmp_path / "nowhere"], "not a folder, a video file or a camera index"),
                       (["--source", "0", "--fps", "5"], "its own rate"),
-                      (["--source", tmp_path, "--consistency", "0"], "--consistency 0")):
+                      (["--source", tmp_path, "--consistency", "0"], "--consistency 0"),
+                      (["--source", tmp_path, "--budget-ms", "-5"], "--budget-ms -5")):
         proc = run("localize", "--bundle", bundle, "--map", map_dir, *args)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and why in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
