@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--summary", type=Path, help="also write the end-of-run summary as JSON")
     lo.add_argument("--ground-truth", type=Path, help="dataset folder: also print Recall@K and the precision of accepted matches")
     lo.add_argument("--batch-size", type=int, default=None)
+    lo.add_argument("--search-threads", type=int, default=None,
+                    help="FAISS threads for the map search (default: 1 up to 2^26 floats per query, e.g. 100k x 384; "
+                         "above, FAISS's default; 0: FAISS's default)")
     lo.add_argument("--strict", action="store_true", help="exit non-zero if any frame fails to decode")
     _backend_args(lo)
 
@@ -257,7 +260,8 @@ def cmd_localize(args) -> int:
     if bundle.batch_mode == "batched":
         print("warning: this bundle's descriptors depend on their batch-mates (CricaVPR batched mode); "
               "the loop's micro-batches change them. Prefer the -independent model for localization.", file=sys.stderr)
-    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=_decision_rule(args, identity))
+    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=_decision_rule(args, identity),
+                        search_threads=args.search_threads)
     recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k]) if args.ground_truth else None
     enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
     source = open_source(args.source, fps=args.fps)

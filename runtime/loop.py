@@ -60,8 +60,9 @@ from .timing import StageTimer
 
 log = logging.getLogger(__name__)
 
-# floats a flat search scans per query below which it runs on one FAISS thread (BENCHMARKS.md §4)
-SMALL_SEARCH = 1 << 24
+# floats a flat search scans per query up to which it runs on one FAISS thread (BENCHMARKS.md §4:
+# 100k x 384 takes about 11 ms on one thread here; OpenMP threads waking up on busy cores cost more)
+SMALL_SEARCH = 1 << 26
 
 
 @dataclass
@@ -78,6 +79,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if not (math.isfinite(self.budget_ms) and self.budget_ms >= 0):
             raise OptionError(f"--budget-ms {self.budget_ms}: expected milliseconds >= 0 (0: no budget)")
+        if self.search_threads is not None and self.search_threads < 0:
+            raise OptionError(f"--search-threads {self.search_threads}: expected a count >= 0 (0: FAISS's default)")
         if self.rerank < 0 or self.queue_size < 1 or not 0 <= self.batch_wait <= 1 or self.probe_interval <= 0:
             raise OptionError(f"loop options out of range: {self}")
 

@@ -9,6 +9,7 @@ import pytest
 
 from loop_helpers import ScriptedCamera, check_recovery, encoder, tiny_map, write_video
 from runtime.decisions import DecisionRule
+from runtime.errors import UserError
 from runtime.loop import CostModel, JsonlWriter, LocalizationLoop, LoopConfig, admit, format_summary
 from runtime.maps import load_map
 from runtime.pipeline import Match
@@ -232,3 +233,17 @@ def test_a_source_that_breaks_ends_the_run_with_its_reason(tiny):
     stats = loop.run(camera_driver(), live=False)
     assert stats.received == 30 == len(records) and stats.processed == 30 and stats.accounted()
     assert loop.end == ("failed", "OSError: VIDIOC_DQBUF: No such device")
+
+
+def test_a_small_map_is_searched_on_one_faiss_thread_and_the_setting_is_restored(tiny):
+    import faiss
+
+    bundle, map_dir, images = tiny
+    enc, _ = encoder(bundle)
+    before = faiss.omp_get_max_threads()
+    during = []
+    loop = LocalizationLoop(enc, load_map(map_dir), LoopConfig(), lambda r: during.append(faiss.omp_get_max_threads()))
+    loop.run(ReplaySource(images, 0, 8), live=False)
+    assert set(during) == {1} and faiss.omp_get_max_threads() == before
+    with pytest.raises(UserError, match="--search-threads"):
+        LoopConfig(search_threads=-1)
