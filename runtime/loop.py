@@ -12,13 +12,14 @@ are not due within that wait).
 
 1. *Admission.* A frame is admitted when its age plus the expected time of its batch fits the
    budget; older frames are dropped as stale. The expected time follows the machine both ways:
-   per batch size, the median of the last five batches. A one-off stall (a GC pause, a page-fault
-   storm, SIGSTOP, a 5 s hang in the backend) is one sample in five and moves nothing, so frames
-   arriving after it are admitted at once; a lasting slowdown (thermal throttling) moves it after
-   three batches, and so does the recovery.
+   per batch size, the second-longest of the last five batches. A one-off stall (a GC pause, a
+   page-fault storm, SIGSTOP, a 5 s hang in the backend) is the longest and moves nothing, so
+   frames arriving after it are admitted at once; a lasting slowdown (thermal throttling, other
+   processes) raises it after two batches, and the recovery brings it back after four.
 2. *Best effort.* When even a fresh frame alone cannot meet the budget (its decoding plus the
-   estimate for a batch of one exceed it), the loop processes the newest frame, one at a time, and drops the others: every
-   Nth frame at the pace the machine can keep. The log and the summary say so, once.
+   estimate for a batch of one exceed it), the loop processes the newest frame, one at a time,
+   and drops the others: every Nth frame at the pace the machine can keep. The log and the
+   summary say so, once.
 3. *Probe.* Whatever the estimate says, once ``probe_interval`` has passed without a processed
    frame, the newest frame is processed: the estimate is measured again and the loop can never
    stop localizing for good.
@@ -42,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import threading
 import time
 from collections import deque
@@ -110,9 +110,9 @@ class LoopStats:
 
 
 class CostModel:
-    """Expected milliseconds of a batch per batch size: the median of its last five batches,
-    the lower one of an even count, so that one stall among the first samples counts for nothing
-    (a size not seen yet: scaled from the nearest one seen)."""
+    """Expected milliseconds of a batch per batch size: the second-longest of its last five
+    batches (the only one while there is one), so that a single stall counts for nothing while
+    two slow batches in five count; a size not seen yet is scaled from the nearest one seen."""
 
     WINDOW = 5
 
@@ -125,10 +125,9 @@ class CostModel:
     def estimate(self, size: int) -> float:
         if not self._samples:
             return 0.0
-        if size in self._samples:
-            return statistics.median_low(self._samples[size])
-        near = min(self._samples, key=lambda s: (abs(s - size), s))
-        return statistics.median_low(self._samples[near]) * size / near
+        near = size if size in self._samples else min(self._samples, key=lambda s: (abs(s - size), s))
+        window = sorted(self._samples[near])
+        return window[-2 if len(window) > 1 else 0] * size / near
 
 
 def admit(frames: List[Frame], now: float, budget_ms: float, batch_size: int,

@@ -85,12 +85,15 @@ def test_cost_model_follows_the_machine_both_ways():
         cost.observe(4, 10.0)
     cost.observe(4, 5000.0)  # a one-off stall later on
     assert cost.estimate(4) == 10.0
+    cost.observe(4, 50.0)
+    assert cost.estimate(4) == 50.0  # two slow batches in five: a lasting slowdown is followed...
     for _ in range(3):
-        cost.observe(4, 50.0)  # a lasting slowdown is followed...
+        cost.observe(4, 50.0)
+    for _ in range(3):
+        cost.observe(4, 10.0)
     assert cost.estimate(4) == 50.0
-    for _ in range(3):
-        cost.observe(4, 10.0)  # ...and so is the recovery
-    assert cost.estimate(4) == 10.0
+    cost.observe(4, 10.0)
+    assert cost.estimate(4) == 10.0  # ...and so is the recovery, after four fast batches
     assert cost.estimate(2) == pytest.approx(5.0) and cost.estimate(8) == pytest.approx(20.0)  # scaled
 
 
