@@ -24,8 +24,9 @@ are not due within that wait).
    frame, the newest frame is processed: the estimate is measured again and the loop can never
    stop localizing for good.
 4. Within an admitted batch: re-ranking is skipped when it would overrun the budget; the batch
-   size halves when its estimate exceeds what the budget leaves after waiting for a batch, and
-   grows back by one while a bigger batch fits in half the budget.
+   size halves after a batch that overran the budget or when its estimate exceeds what the budget
+   leaves after waiting for a batch, and grows back by one while a bigger batch fits in half the
+   budget.
 
 **Accounting.** ``received = processed + failed + dropped`` (stale, queue, stop); every frame
 gets one record (``status`` processed, failed or dropped).
@@ -398,7 +399,8 @@ class LocalizationLoop:
                 self.on_result(m.to_dict())
         if budget:
             room = budget * (1 - self.cfg.batch_wait)
-            if self.batch_size > 1 and self.cost.estimate(self.batch_size) > room:
+            late = (end - oldest) * 1000 > budget  # a smaller batch now costs nothing lasting: it grows back
+            if self.batch_size > 1 and (late or self.cost.estimate(self.batch_size) > room):
                 self.batch_size = max(1, self.batch_size // 2)
                 self.stats.batch_shrinks += 1
             elif self.batch_size < self.encoder.batch_size and self.cost.estimate(self.batch_size + 1) <= budget / 2:
