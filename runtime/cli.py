@@ -10,7 +10,7 @@ from typing import List, Optional
 from .backends import open_backend
 from .bundle import BundleError, load_bundle
 from .datasets import DatasetError, load_dataset
-from .decisions import ACCEPTANCE_FILE, DecisionError, DecisionRule, load_acceptance, save_acceptance
+from .decisions import DecisionError, DecisionRule, load_acceptance, save_acceptance
 from .encoder import Encoder
 from .evaluate import KS, evaluate, format_recall
 from .files import save_descriptors
@@ -241,12 +241,12 @@ def cmd_map(args) -> int:
     return 1 if (args.strict and failures) else 0
 
 
-def _decision_rule(args, identity: dict) -> DecisionRule:
+def _decision_rule(args, place_map, identity: dict) -> DecisionRule:
     """The rule from the options, falling back to the one saved with the map, then to defaults."""
-    saved = load_acceptance(args.map)
+    saved = load_acceptance(place_map)
     base = DecisionRule()
     if saved is not None:
-        where = args.map / ACCEPTANCE_FILE
+        where = f"the rule saved with {args.map}"
         if any(saved["bundle"].get(k) != identity.get(k) for k in ("model", "dim", "preprocessing", "batch_mode")):
             print(f"warning: {where} was measured with another model; ignored (run evaluate --save-threshold again)",
                   file=sys.stderr)
@@ -292,7 +292,7 @@ def cmd_localize(args) -> int:
     if bundle.batch_mode == "batched":
         print("warning: this bundle's descriptors depend on their batch-mates (CricaVPR batched mode); "
               "the loop's micro-batches change them. Prefer the -independent model for localization.", file=sys.stderr)
-    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=_decision_rule(args, identity),
+    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=_decision_rule(args, place_map, identity),
                         search_threads=args.search_threads)
     recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k]) if args.ground_truth else None
     enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
@@ -401,9 +401,10 @@ def cmd_evaluate(args) -> int:
             print(f"error: nothing saved: no score threshold reaches precision {args.target_precision:g}", file=sys.stderr)
             return 1
         saved = DecisionRule(target["threshold"], rule.consistency, rule.window)
-        path = save_acceptance(args.map, saved, {**target, "target_precision": args.target_precision,
-                                                 "dataset": str(ds.root), "queries": res["queries"]}, identity)
-        print(f"saved with the map: {path} ({saved.describe()}); localize uses it unless --min-score is given")
+        version = save_acceptance(args.map, saved, {**target, "target_precision": args.target_precision,
+                                                    "dataset": str(ds.root), "queries": res["queries"]}, identity)
+        print(f"saved with the map: {args.map} ({version}, {saved.describe()}); localize uses it unless "
+              "--min-score is given")
     return 1 if (args.strict and res["failures"]) else 0
 
 

@@ -13,13 +13,13 @@ Every match is reported; ``accepted`` says whether to act on it, and ``reason`` 
 * ``no_place``: the map returned nothing.
 
 ``python -m runtime evaluate --target-precision P --save-threshold`` measures the score threshold
-that reaches precision P and stores it beside the map (``MAP/acceptance.json``, written
-atomically, apart from the map's versioned files); ``localize`` reads it unless ``--min-score``
-is given.
+that reaches precision P and saves it with the map: an ``acceptance`` entry of the map's metadata,
+written as a new map version under the writer lock (``runtime.maps.set_metadata``), so it travels
+with the map and a rebuilt map starts without one; ``localize`` reads it unless ``--min-score`` is
+given.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import UserError
-from .files import atomic_write
 
-ACCEPTANCE_FILE = "acceptance.json"
+ACCEPTANCE_KEY = "acceptance"  # the map metadata entry that holds a saved rule
 
 
 class DecisionError(UserError, ValueError):
@@ -88,26 +87,25 @@ class Decider:
         return Decision(True, "ok", self._chain)
 
 
-def save_acceptance(map_dir: Union[str, Path], rule: DecisionRule, measured: dict, bundle: dict) -> Path:
-    """Store a measured rule beside the map (atomic: the old file or the new, never half)."""
-    path = Path(map_dir) / ACCEPTANCE_FILE
+def save_acceptance(map_dir: Union[str, Path], rule: DecisionRule, measured: dict, bundle: dict) -> str:
+    """Save a measured rule with the map, as a new map version; returns that version."""
+    from .maps import set_metadata
+
     payload = {"rule": asdict(rule), "measured": measured, "bundle": bundle,
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode()))
-    return path
+    return set_metadata(map_dir, {ACCEPTANCE_KEY: payload})
 
 
-def load_acceptance(map_dir: Union[str, Path]) -> Optional[dict]:
-    """The rule saved beside a map ({'rule': DecisionRule, 'measured', 'bundle'}), or None."""
-    path = Path(map_dir) / ACCEPTANCE_FILE
-    if not path.exists():
+def load_acceptance(place_map) -> Optional[dict]:
+    """The rule saved with a loaded map ({'rule': DecisionRule, 'measured', 'bundle'}), or None."""
+    payload = place_map.metadata.get(ACCEPTANCE_KEY)
+    if payload is None:
         return None
     try:
-        payload = json.loads(path.read_text())
         r = payload["rule"]
         rule = DecisionRule(None if r["min_score"] is None else float(r["min_score"]), int(r["consistency"]),
                             int(r["window"]))
         return {"rule": rule, "measured": dict(payload.get("measured") or {}), "bundle": dict(payload["bundle"])}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise DecisionError(f"{path}: unreadable saved decision rule ({exc}); delete it or save it again with "
-                        "python -m runtime evaluate --map ... --save-threshold") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DecisionError(f"{place_map.folder}: unusable saved decision rule ({exc}); save it again with "
+                            "python -m runtime evaluate --map ... --save-threshold") from exc

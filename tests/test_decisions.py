@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.decisions import ACCEPTANCE_FILE, Decider, DecisionError, DecisionRule, load_acceptance, save_acceptance
+from runtime.decisions import ACCEPTANCE_KEY, Decider, DecisionError, DecisionRule, load_acceptance, save_acceptance
 from runtime.errors import UserError
 from runtime.evaluate import operating_points, plot_precision_recall, precision_recall
 
@@ -70,15 +70,22 @@ def test_pr_curve_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rule_saved_beside_a_map_round_trips_and_bad_files_are_named(tmp_path):
+def test_rule_saved_with_a_map_round_trips_and_bad_entries_are_named(tmp_path):
+    from runtime.maps import load_map, save_map, set_metadata
+
+    identity = {"model": "tiny", "dim": 3, "preprocessing": {}, "batch_mode": "independent", "weights": "w",
+                "precision": "fp32", "onnx_sha256": "x"}
+    folder = tmp_path / "map"
+    rows = np.eye(3, dtype=np.float32)
+    assert load_acceptance(save_map(folder, rows, ["a", "b", "c"], identity)) is None
     rule = DecisionRule(0.61, 3, 2)
-    path = save_acceptance(tmp_path, rule, {"precision": 0.99, "recall": 0.4}, {"model": "tiny", "dim": 3})
-    assert path == tmp_path / ACCEPTANCE_FILE and not list(tmp_path.glob(".*.tmp"))
-    saved = load_acceptance(tmp_path)
+    version = save_acceptance(folder, rule, {"precision": 0.99, "recall": 0.4}, {"model": "tiny", "dim": 3})
+    place_map = load_map(folder)
+    assert place_map.version == version and len(place_map) == 3  # a new version of the same places
+    saved = load_acceptance(place_map)
     assert saved["rule"] == rule and saved["measured"]["recall"] == 0.4 and saved["bundle"]["model"] == "tiny"
-    assert load_acceptance(tmp_path / "elsewhere") is None
-    for content in ("{not json", json.dumps({"rule": {"min_score": "x"}}), json.dumps({"rule": {"min_score": 0.5, "consistency": 0,
-                                                                                               "window": 1}, "bundle": {}})):
-        path.write_text(content)
-        with pytest.raises(DecisionError, match=ACCEPTANCE_FILE):
-            load_acceptance(tmp_path)
+    assert load_acceptance(save_map(folder, rows, ["a", "b", "c"], identity)) is None  # a rebuilt map has none
+    for entry in ({"rule": {"min_score": "x"}}, {"rule": {"min_score": 0.5, "consistency": 0, "window": 1}, "bundle": {}}):
+        set_metadata(folder, {ACCEPTANCE_KEY: entry})
+        with pytest.raises(DecisionError, match="saved decision rule"):
+            load_acceptance(load_map(folder))

@@ -13,6 +13,7 @@ from PIL import Image
 
 from loop_helpers import colours, tiny_map, write_video
 from reference import ROOT
+from runtime.maps import load_map, set_metadata
 
 
 def run(*args, timeout=120):
@@ -152,14 +153,14 @@ def test_evaluate_finds_the_threshold_saves_it_with_the_map_and_localize_uses_it
         assert png.read_bytes()[:4] == b"\x89PNG"
     else:
         assert "matplotlib is not installed" in proc.stderr
-    saved = json.loads((map_dir / "acceptance.json").read_text())
+    saved = load_map(map_dir).metadata["acceptance"]
     assert saved["rule"]["min_score"] == target["threshold"]
 
     # localize uses the saved threshold without retyping it
     out = tmp_path / "r.jsonl"
     proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries", "--output", out)
     assert proc.returncode == 0, proc.stderr
-    assert f"min score {target['threshold']:.4f} from {map_dir / 'acceptance.json'}" in proc.stdout
+    assert f"min score {target['threshold']:.4f} from the rule saved with {map_dir}" in proc.stdout
     records = read_records(out)
     assert all(r["accepted"] == (r["score"] >= target["threshold"]) for r in records)
     assert {r["reason"] for r in records if not r["accepted"]} <= {"low_score"}
@@ -168,11 +169,11 @@ def test_evaluate_finds_the_threshold_saves_it_with_the_map_and_localize_uses_it
     proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries", "--output", out, "--min-score", -1)
     assert proc.returncode == 0 and all(r["accepted"] for r in read_records(out))
     # a threshold measured with another model is not used
-    (map_dir / "acceptance.json").write_text(json.dumps({**saved, "bundle": {**saved["bundle"], "model": "other"}}))
+    set_metadata(map_dir, {"acceptance": {**saved, "bundle": {**saved["bundle"], "model": "other"}}})
     proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries", "--output", out)
     assert proc.returncode == 0 and "measured with another model; ignored" in proc.stderr
     assert all(r["accepted"] for r in read_records(out))
-    # a damaged file is named, never a traceback
-    (map_dir / "acceptance.json").write_text("{")
+    # a damaged entry is named, never a traceback
+    set_metadata(map_dir, {"acceptance": {"rule": {"min_score": "x"}}})
     proc = run("localize", "--bundle", bundle, "--map", map_dir, "--source", ds / "queries")
-    assert proc.returncode == 2 and "acceptance.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "saved decision rule" in proc.stderr and "Traceback" not in proc.stderr
