@@ -13,8 +13,9 @@ import numpy as np
 
 from .backends import open_backend
 from .bundle import Bundle
-from .datasets import Dataset
+from .datasets import Dataset, DatasetError
 from .encoder import Encoder
+from .errors import OptionError
 from .rerank import rerank_shortlist
 from .timing import StageTimer
 
@@ -44,11 +45,14 @@ def evaluate(bundle: Bundle, dataset: Dataset, rerank: int = 0, ks: Sequence[int
              batch_size: Optional[int] = None, backend=None, progress: bool = False) -> dict:
     local = rerank > 0
     if local and "local_features" not in bundle.outputs:
-        raise ValueError(f"--rerank needs local features; {bundle.manifest['model']['name']} has none")
+        raise OptionError(f"--rerank needs local features; {bundle.manifest['model']['name']} has none")
     timer = StageTimer()
     encoder = Encoder(bundle, backend or open_backend(bundle), batch_size=batch_size, timer=timer)
     keep = ("descriptor", "local_features") if local else ("descriptor",)
     db = encoder.encode_files(dataset.database, progress=progress, keep=keep)
+    if not db.names:
+        raise DatasetError(f"{dataset.root}: none of the {len(dataset.database)} database images could be read "
+                           "(listed above); nothing to search")
     q = encoder.encode_files(dataset.queries, progress=progress, keep=keep)
     failures = db.failures + q.failures
     # ground truth refers to dataset indices: map encoded rows back to them

@@ -27,6 +27,7 @@ from typing import Callable, Iterable, List, Optional
 import numpy as np
 
 from .encoder import Encoder
+from .errors import OptionError
 from .maps import PlaceMap
 from .preprocess import preprocess_image
 from .rerank import rerank_shortlist
@@ -63,7 +64,7 @@ class Localizer:
     def __init__(self, encoder: Encoder, place_map: PlaceMap, config: LoopConfig,
                  on_result: Optional[Callable[[dict], None]] = None) -> None:
         if config.rerank and place_map.local is None:
-            raise ValueError("--rerank needs a map with local features (built with a SelaVPR bundle)")
+            raise OptionError("--rerank needs a map with local features (built with a SelaVPR bundle)")
         self.encoder, self.map, self.cfg = encoder, place_map, config
         self.on_result = on_result or (lambda r: None)
         self.stats = LoopStats()

@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 from PIL import Image
 
+from .errors import PathError, UserError
 from .preprocess import list_images, load_rgb
 
 
@@ -56,13 +57,13 @@ class OpenCVSource:
         try:
             import cv2
         except ImportError as exc:
-            raise RuntimeError("video files and cameras need OpenCV: pip install opencv-python-headless") from exc
+            raise UserError("video files and cameras need OpenCV: pip install opencv-python-headless") from exc
         self.cv2 = cv2
         self.spec = spec
         self.live = isinstance(spec, int)
         self.capture = cv2.VideoCapture(spec)
         if not self.capture.isOpened():
-            raise RuntimeError(f"{spec}: cannot open this {'camera' if self.live else 'video file'}")
+            raise UserError(f"{spec}: cannot open this {'camera' if self.live else 'video file'}")
 
     def __iter__(self) -> Iterator[Frame]:
         i = 0
@@ -87,4 +88,4 @@ def open_source(spec: str, fps: float = 0.0):
         return FolderSource(path, fps)
     if path.is_file():
         return OpenCVSource(str(path))
-    raise FileNotFoundError(f"{spec}: not a folder, a video file or a camera index")
+    raise PathError(f"{spec}: not a folder, a video file or a camera index")

@@ -1,6 +1,7 @@
 """What TensorRT and which GPU this machine has, probed without ever constructing a TensorRT
 runtime on a machine with no usable GPU (shared/research/env-probe.md §2: that segfaults).
-The GPU is probed with cuda-python (``cuda.bindings.runtime``)."""
+The GPU is probed with cuda-python (``cuda.bindings.runtime``), which the TensorRT backend needs
+for its memory and streams too (the ``trt`` extra): without it no GPU is found."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,8 @@ def tensorrt_version() -> Optional[str]:
     return getattr(trt, "__version__", None)
 
 
-def gpu_info(device: int = 0) -> Optional[dict]:
-    """{'name', 'compute_capability'} of a usable CUDA device, else None."""
+def cuda_runtime():
+    """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6), or None."""
     try:
         from cuda.bindings import runtime as cudart
     except Exception:  # noqa: BLE001
@@ -24,6 +25,18 @@ def gpu_info(device: int = 0) -> Optional[dict]:
             from cuda import cudart  # cuda-python < 12.6 layout (JetPack 5/6 images)
         except Exception:  # noqa: BLE001
             return None
+    return cudart
+
+
+def cuda_python_available() -> bool:
+    return cuda_runtime() is not None
+
+
+def gpu_info(device: int = 0) -> Optional[dict]:
+    """{'name', 'compute_capability'} of a usable CUDA device, else None."""
+    cudart = cuda_runtime()
+    if cudart is None:
+        return None
     try:
         err, count = cudart.cudaGetDeviceCount()
         if int(err) != 0 or not count:
