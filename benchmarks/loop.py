@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, save, table
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from runtime.backends import open_backend  # noqa: E402
@@ -25,7 +26,7 @@ DATA = ROOT / "data" / "vprbench_corridor"
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-sizes", default="1,4,8")
@@ -61,4 +62,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 
 from common import save, table
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.maps import PlaceMap, _build_index, choose_index, index_bytes  # noqa: E402
@@ -69,7 +70,7 @@ def bench(kind: str, x, q, truth) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000")
     p.add_argument("--dims", default="384,1024,8448")
     p.add_argument("--types", default="flat,sqfp16,hnsw,ivfpq", help="index types to time (auto: the runtime's choice)")
@@ -105,4 +106,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

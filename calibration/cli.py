@@ -79,8 +79,8 @@ def quantize_bundle(bundle: Path, images: List[Path], output: Path, count: int =
         raise BundleError(f"{bundle}: quantize takes an FP32 (fused) bundle, this one is "
                           f"{src.precision}{' split' if src.manifest.get('split') else ''}; build one with "
                           "python export/build_engine.py --precision fp32")
-    data = calibration_set(images, src.preprocessing, count, seed)
     with stage_bundle(output) as staged:
+        data = calibration_set(images, src.preprocessing, count, seed)
         facts = quantize_graph(src.file("onnx"), staged.onnx, data, method,
                                exclude=src.manifest["export"].get("fp32_nodes", []))
         x = np.ascontiguousarray(data[:PARITY_IMAGES], dtype=np.float32)

@@ -27,7 +27,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from runtime.bundle import BACKENDS, CALIBRATION_CACHE, PRECISIONS, BundleError, read_manifest, verify_files
-from runtime.errors import OptionError
+from runtime.errors import OptionError, PathError
+from runtime.preprocess import list_images
 from runtime.trt_env import cuda_python_available, gpu_info, tensorrt_version
 
 from .bundle_writer import ENGINE, StagedBundle, parity, run_graph, stage_bundle
@@ -140,6 +141,7 @@ class BuildConfig:
             if self.precision == "int8" and not self.calibration.images:
                 raise OptionError("--precision int8 needs --calibration-images DIR (real place images, e.g. the map's own)")
         else:
+            read_manifest(self.from_bundle)  # a missing or broken source is named before anything else
             given = [name for name, value in (("--checkpoint", self.checkpoint), ("--random-weights", self.random_weights),
                                               ("--image-size", self.image_size), ("--opset", self.opset),
                                               ("--target", self.target), ("--split", self.split), ("--depth", self.depth))
@@ -147,6 +149,9 @@ class BuildConfig:
             if given:
                 raise OptionError(f"{', '.join(given)}: export options, not used with --from-bundle (its graph is "
                                   "already exported); re-export with --model to change them")
+        for folder in self.calibration.images:  # before a long export, not after it
+            if not list_images(folder):
+                raise PathError(f"{folder}: no images found; --calibration-images needs real place images")
 
     def output_path(self) -> Path:
         if self.output is not None:
