@@ -35,7 +35,6 @@ from .bundle_writer import ENGINE, StagedBundle, parity, run_graph, stage_bundle
 from .trt_check import TARGETS, find_problems
 
 FORMAT_VERSION = 1
-DEFAULT_BATCH = "1:8:32"
 DEFAULT_OPSET = 17
 # TensorRT generations in order: a graph checked for one builds on the same or a later one
 GENERATION = {"trt8.5": 0, "trt8.6": 1, "trt10": 2, "trt11": 2}
@@ -296,7 +295,7 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
         "backend": backend,
         "inputs": specs["inputs"],
         "outputs": specs["outputs"],
-        "batch": (config.batch or BatchProfile.parse(DEFAULT_BATCH)).to_dict(),
+        "batch": (config.batch or BatchProfile()).to_dict(),
         "files": {},
         "weights": {k: v for k, v in weights.items() if k != "path"},
         "export": {"exporter": f"torch.onnx TorchScript exporter (torch {torch.__version__})", "opset": opset,

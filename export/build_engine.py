@@ -21,8 +21,7 @@ from typing import List, Optional
 if __package__ in (None, ""):  # run as a script: python export/build_engine.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.build import (DEFAULT_BATCH, BatchProfile, BuildConfig, CalibrationConfig,  # noqa: E402
-                          TensorRTConfig, build_bundle)
+from export.build import BatchProfile, BuildConfig, CalibrationConfig, TensorRTConfig, build_bundle  # noqa: E402
 from export.bundle_writer import summary_lines  # noqa: E402
 from runtime import units  # noqa: E402
 from runtime.bundle import BACKENDS, PRECISIONS, load_bundle  # noqa: E402
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                    help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU)")
     p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
-                   help=f"optimisation profile of the batch axis (default {DEFAULT_BATCH}; --from-bundle: the bundle's)")
+                   help="optimisation profile of the batch axis (default 1:8:32; --from-bundle: the bundle's)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--target", choices=("trt8.5", "trt8.6", "trt10", "trt11"), default=None,
                    help="TensorRT generation the graph must suit (default: the installed one, else trt10); "
