@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 from runtime.backends import open_backend  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
 from runtime.encoder import Encoder  # noqa: E402
-from runtime.loop import LoopConfig, Localizer  # noqa: E402
+from runtime.loop import Localizer, LoopConfig  # noqa: E402
 from runtime.maps import bundle_identity, save_map  # noqa: E402
 from runtime.sources import FolderSource  # noqa: E402
 

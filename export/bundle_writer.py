@@ -26,8 +26,16 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import onnx
 
-from runtime.bundle import (CALIBRATION_CACHE, Bundle, bundle_file_names, describe, file_entry, read_manifest,
-                            verify_files, write_manifest)
+from runtime.bundle import (
+    CALIBRATION_CACHE,
+    Bundle,
+    bundle_file_names,
+    describe,
+    file_entry,
+    read_manifest,
+    verify_files,
+    write_manifest,
+)
 from runtime.compare import row_cosine
 from runtime.errors import UserError
 from runtime.files import check_output_dir, replace_dir, staging_dir

@@ -186,7 +186,7 @@ def cmd_map(args) -> int:
 
 
 def cmd_localize(args) -> int:
-    from .loop import JsonlWriter, LoopConfig, Localizer
+    from .loop import JsonlWriter, Localizer, LoopConfig
     from .sources import open_source
 
     bundle = load_bundle(args.bundle)

@@ -7,7 +7,7 @@ from PIL import Image
 from runtime.backends import open_backend
 from runtime.bundle import load_bundle
 from runtime.encoder import Encoder
-from runtime.loop import LoopConfig, Localizer
+from runtime.loop import Localizer, LoopConfig
 from runtime.maps import bundle_identity, save_map
 from runtime.preprocess import preprocess_image
 from runtime.sources import FolderSource, Frame

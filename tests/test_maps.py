@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from runtime.maps import (MapError, add_to_map, check_compatible, choose_index, load_map, read_poses, save_map)
+from runtime.maps import MapError, add_to_map, check_compatible, choose_index, load_map, read_poses, save_map
 
 ID = {"model": "m", "dim": 64, "preprocessing": {"size": [28, 28]}, "batch_mode": "independent",
       "precision": "fp32", "onnx_sha256": "x"}

@@ -132,7 +132,7 @@ def test_overload_keeps_latency_within_budget_and_accounts_for_every_frame(tmp_p
     from runtime.backends import open_backend
     from runtime.bundle import load_bundle
     from runtime.encoder import Encoder
-    from runtime.loop import LoopConfig, Localizer
+    from runtime.loop import Localizer, LoopConfig
     from runtime.maps import bundle_identity, save_map
     from runtime.preprocess import load_rgb
     from runtime.sources import Frame
