@@ -68,7 +68,7 @@ def cmd_sample(args) -> int:
 
 
 def quantize_bundle(bundle: Path, images: List[Path], output: Path, count: int = DEFAULT_COUNT, seed: int = 0,
-                    method: str = "entropy") -> Path:
+                    method: str = "entropy", verbose: bool = False) -> Path:
     """An FP32 bundle -> an INT8 Q/DQ bundle at ``output`` (ONNX Runtime backend); returns ``output``."""
     from export.bundle_writer import parity, run_graph, stage_bundle
 
@@ -82,7 +82,7 @@ def quantize_bundle(bundle: Path, images: List[Path], output: Path, count: int =
     with stage_bundle(output) as staged:
         data = calibration_set(images, src.preprocessing, count, seed)
         facts = quantize_graph(src.file("onnx"), staged.onnx, data, method,
-                               exclude=src.manifest["export"].get("fp32_nodes", []))
+                               exclude=src.manifest["export"].get("fp32_nodes", []), verbose=verbose)
         x = np.ascontiguousarray(data[:PARITY_IMAGES], dtype=np.float32)
         check = parity(run_graph(src.file("onnx"), x), run_graph(staged.onnx, x), "int8", "the FP32 graph")
         manifest = {k: v for k, v in src.manifest.items() if k not in ("tensorrt", "build", "files", "checks")}
@@ -94,7 +94,8 @@ def quantize_bundle(bundle: Path, images: List[Path], output: Path, count: int =
 def cmd_quantize(args) -> int:
     from export.bundle_writer import summary_lines
 
-    output = quantize_bundle(args.bundle, args.calibration_images, args.output, args.count, args.seed, args.method)
+    output = quantize_bundle(args.bundle, args.calibration_images, args.output, args.count, args.seed, args.method,
+                             args.verbose)
     print("\n".join(summary_lines(load_bundle(output))))
     return 0
 

@@ -277,7 +277,8 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
             save_onnx(to_fp16(onnx.load(str(staged.onnx))), staged.onnx)
     elif precision == "int8":
         implicit = weak_trt and config.calibration.trt_calibrator
-        calibration, calibration_data = _int8(config.calibration, cfg.preprocessing, staged, islands, implicit)
+        calibration, calibration_data = _int8(config.calibration, cfg.preprocessing, staged, islands, implicit,
+                                              config.verbose)
         if implicit:
             graph_precision = "fp32"
     checks = {}
@@ -310,8 +311,8 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     return manifest, calibration_data
 
 
-def _int8(c: CalibrationConfig, pre, staged: StagedBundle, islands: Sequence[str],
-          implicit: bool) -> Tuple[dict, Optional[np.ndarray]]:
+def _int8(c: CalibrationConfig, pre, staged: StagedBundle, islands: Sequence[str], implicit: bool,
+          verbose: bool = False) -> Tuple[dict, Optional[np.ndarray]]:
     """INT8: the calibration set from real images, then the Q/DQ graph in place of the FP32 one;
     for TensorRT 8.x's implicit calibrator, the FP32 graph stays and the set goes to the builder."""
     from calibration.dataset import calibration_set
@@ -327,7 +328,7 @@ def _int8(c: CalibrationConfig, pre, staged: StagedBundle, islands: Sequence[str
     for f in list(staged.dir.iterdir()):
         if f != source:
             f.rename(source / f.name)
-    facts = quantize_graph(source / staged.onnx.name, staged.onnx, data, c.method, exclude=islands)
+    facts = quantize_graph(source / staged.onnx.name, staged.onnx, data, c.method, exclude=islands, verbose=verbose)
     shutil.rmtree(source)
     log(f"Q/DQ graph: {facts['quantize_nodes']} QuantizeLinear; ONNX Runtime integer kernels: {facts['integer_ops']}")
     return facts, None

@@ -12,6 +12,7 @@ Torch-free: ``export/`` and ``calibration/`` use it too.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Callable, NoReturn
 
@@ -44,7 +45,9 @@ def one_line(message: str) -> str:
 
 
 def configure_logs(verbose: bool = False) -> None:
-    """Third-party log levels for a command: warnings only with ``verbose``."""
+    """Third-party log levels for a command: warnings only with ``verbose`` (ONNX Runtime's C++
+    logger, and Python's logging, where ONNX Runtime's quantizer warns)."""
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR, format="%(levelname)s: %(message)s")
     try:
         import onnxruntime as ort
         ort.set_default_logger_severity(2 if verbose else 3)  # 2 warning, 3 error

@@ -64,6 +64,16 @@ def test_from_bundle_refuses_export_options(fp32):
     assert not (fp32.parent / "x").exists()
 
 
+def test_from_bundle_in_place_replaces_the_bundle_and_nothing_else(fp32, tmp_path):
+    import shutil
+    folder = tmp_path / "engines" / "b"
+    shutil.copytree(fp32, folder)
+    (tmp_path / "engines" / "notes.txt").write_text("mine")
+    assert build_bundle(BuildConfig(from_bundle=folder, backend="onnxruntime", batch=BatchProfile(1, 1, 2))) == folder
+    assert load_bundle(folder).batch == {"min": 1, "opt": 1, "max": 2}
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == ["b", "notes.txt"]
+
+
 def test_batch_profile_is_checked():
     assert BatchProfile.parse("2").to_dict() == {"min": 2, "opt": 2, "max": 2}
     for bad in ("8:2:4", "0:1:2", "a:b:c", "1:2"):
