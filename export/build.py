@@ -230,7 +230,7 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     import onnx
     import torch
 
-    from .onnx_export import decompose_layernorms, export_onnx, io_specs, save_onnx
+    from .onnx_export import decompose_layernorms, finish_onnx, io_specs, save_onnx, trace_to_onnx
     from .precision import fp32_island_nodes, to_fp16
     from .registry import get_config
     from .trt_check import check_graph
@@ -258,9 +258,13 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
         split = model.split_info()
         outputs = ["token", "cluster_features", "scores"]
     log(f"exporting ONNX (opset {opset}, dynamic batch){f', {decomposed} LayerNorms decomposed' if decomposed else ''}")
-    export_onnx(model, cfg.image_size, outputs, staged.onnx, opset=opset, verbose=config.verbose)
-    del model  # free the PyTorch weights before ONNX Runtime loads the graph (ViT-g: 4.5 GB each)
+    work = staged.dir / "export-work"
+    work.mkdir()
+    raw = trace_to_onnx(model, cfg.image_size, outputs, work, opset=opset, verbose=config.verbose)
+    del model  # the PyTorch weights are not needed any more (ViT-g: 4.5 GB)
     gc.collect()
+    finish_onnx(raw, staged.onnx, verbose=config.verbose)
+    shutil.rmtree(work)
     structure = onnx.load(str(staged.onnx), load_external_data=False)
     ops = check_graph(structure, target)
     islands = fp32_island_nodes(structure)

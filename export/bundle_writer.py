@@ -42,10 +42,10 @@ from runtime.files import check_output_dir, replace_dir, staging_dir
 
 from .trt_check import check_graph
 
-# min cosine over the sample images, shipped graph vs reference. FP32: exporter and ONNX Runtime
-# kernels only (measured >= 0.9999999 on every registry model); FP16: the FP32 islands keep
-# LayerNorm, softmax and Sinkhorn exact (measured >= 0.9998); INT8: Q/DQ on MatMul/Gemm/Conv
-# inputs (measured >= 0.998 at full depth). BENCHMARKS.md has the measurements.
+# min cosine over the sample images, shipped graph vs reference, with a wide margin under what was
+# measured at full depth (BENCHMARKS.md §7): FP32 differs only by kernel rounding (1 - 1e-12);
+# FP16 keeps LayerNorm, softmax and Sinkhorn in FP32 islands (>= 0.9999998); INT8 quantizes the
+# MatMul/Gemm/Conv inputs only (>= 0.9998 with the official fixture's SALAD weights).
 PARITY_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
 ONNX, ENGINE = "model.onnx", "engine.plan"
 
