@@ -230,8 +230,8 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     import onnx
     import torch
 
-    from .onnx_export import decompose_layernorms, finish_onnx, io_specs, save_onnx, trace_to_onnx
-    from .precision import fp32_island_nodes, to_fp16
+    from .onnx_export import decompose_layernorms, finish_onnx, io_specs, trace_to_onnx
+    from .precision import fp32_island_nodes
     from .registry import get_config
     from .trt_check import check_graph
     from .zoo import create_model
@@ -271,20 +271,8 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     del structure
     log(f"static TensorRT check passed for {target}: {sum(ops.values())} nodes, {len(ops)} op types")
 
-    weak_trt = backend == "tensorrt" and not trt_strongly_typed()  # TensorRT 8.x: precision by builder flags
-    graph_precision, calibration, calibration_data = precision, None, None
-    if precision == "fp16":
-        if weak_trt:
-            graph_precision = "fp32"
-        else:
-            log(f"FP16 graph with {len(islands)} FP32 island nodes (LayerNorm, softmax, Sinkhorn, L2 norms)")
-            save_onnx(to_fp16(onnx.load(str(staged.onnx))), staged.onnx)
-    elif precision == "int8":
-        implicit = weak_trt and config.calibration.trt_calibrator
-        calibration, calibration_data = _int8(config.calibration, cfg.preprocessing, staged, islands, implicit,
-                                              config.verbose)
-        if implicit:
-            graph_precision = "fp32"
+    graph_precision, calibration, calibration_data = _set_precision(config, staged, backend, precision,
+                                                                    cfg.preprocessing, islands)
     checks = {}
     if reference is not None:
         checks["parity_vs_pytorch"] = parity(reference, run_graph(staged.onnx, x, split), graph_precision,
@@ -313,6 +301,29 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
         manifest["calibration"] = calibration
     log(f"exported in {time.time() - t:.1f} s")
     return manifest, calibration_data
+
+
+def _set_precision(config: BuildConfig, staged: StagedBundle, backend: str, precision: str, pre,
+                   islands: Sequence[str]) -> Tuple[str, Optional[dict], Optional[np.ndarray]]:
+    """Put ``precision`` into the staged FP32 graph. Returns the graph's own precision (TensorRT 8.x
+    keeps an FP32 graph and sets precision by builder flags), the manifest's ``calibration`` and,
+    for implicit INT8 calibration, the calibration set."""
+    weak_trt = backend == "tensorrt" and not trt_strongly_typed()
+    if precision == "fp16":
+        if weak_trt:
+            return "fp32", None, None
+        import onnx
+
+        from .onnx_export import save_onnx
+        from .precision import to_fp16
+        log(f"FP16 graph with {len(islands)} FP32 island nodes (LayerNorm, softmax, Sinkhorn, L2 norms)")
+        save_onnx(to_fp16(onnx.load(str(staged.onnx))), staged.onnx)
+        return "fp16", None, None
+    if precision == "int8":
+        implicit = weak_trt and config.calibration.trt_calibrator
+        facts, data = _int8(config.calibration, pre, staged, islands, implicit, config.verbose)
+        return ("fp32" if implicit else "int8"), facts, data
+    return "fp32", None, None
 
 
 def _int8(c: CalibrationConfig, pre, staged: StagedBundle, islands: Sequence[str], implicit: bool,
