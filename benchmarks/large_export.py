@@ -45,7 +45,8 @@ def main() -> int:
     files = {e["name"]: e["size"] for e in manifest["files"].values()}
     steps = [line for line in proc.stderr.splitlines() if line.startswith("[build]")]
     row = [args.model, args.precision, f"{wall:.0f}", f"{peak_gb:.1f}",
-           ", ".join(f"{n} {s / 2 ** 30:.2f} GiB" for n, s in files.items()),
+           ", ".join(f"{n} {s / 2 ** 30:.2f} GiB" if s >= 2 ** 30 else f"{n} {s / 2 ** 20:.1f} MiB"
+                     for n, s in files.items()),
            manifest["checks"].get("parity_vs_pytorch", {}).get("min_cosine", "skipped")]
     print(table(["model", "precision", "wall s", "peak RSS GiB", "files", "parity min cosine"], [row]))
     print(f"load average at start: {load}")

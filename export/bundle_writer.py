@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -124,6 +125,9 @@ class StagedBundle:
         if stray:
             raise RuntimeError(f"staged bundle holds files no manifest entry lists: {stray}")
         manifest["files"] = files
+        mode = _file_mode()
+        for entry in files.values():  # writers differ (onnx saves external data 0600): one mode for all
+            os.chmod(self.dir / entry["name"], mode)
         if manifest["backend"] == "onnxruntime":
             manifest["onnxruntime"] = {"graph_optimization": "ORT_ENABLE_ALL, applied at session creation (portable)"}
         else:
@@ -135,6 +139,12 @@ class StagedBundle:
         verify_files(self.dir, read_manifest(self.dir))
         replace_dir(self.dir, self.output)
         return self.output
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Sequence
 
 import onnx
 import torch
+from google.protobuf.message import EncodeError
 from torch import nn
 
 TWO_GB = 2 * 1024 ** 3
@@ -161,12 +162,20 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> List[Path]:
     data = path.with_name(EXTERNAL_DATA)
     if data.exists():
         data.unlink()
-    if model.ByteSize() < EXTERNAL_DATA_ABOVE:
+    if _serialised_size(model) < EXTERNAL_DATA_ABOVE:
         onnx.save(model, str(path))
         return [path]
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
               location=EXTERNAL_DATA, size_threshold=1024)
     return [path, data]
+
+
+def _serialised_size(model: onnx.ModelProto) -> int:
+    """The model's protobuf size; above 2 GB protobuf cannot even compute it (EncodeError)."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return TWO_GB
 
 
 def check_onnx(path: Path) -> None:

@@ -119,6 +119,8 @@ def test_large_model_path_external_data_through_fp32_fp16_int8_and_from_bundle(f
         names = sorted(p.name for p in out.iterdir())
         assert names == sorted(["manifest.json"] + [e["name"] for e in files.values()])
         outputs[precision] = open_backend(bundle).run(x)["descriptor"]
+        # one mode for every file, the umask's (onnx writes external data 0600)
+        assert {(out / e["name"]).stat().st_mode & 0o777 for e in files.values()} == {0o666 & ~_umask()}
         if precision != "int8":  # the Q/DQ graph (1/4 of the size) is written as one file
             assert files["onnx_data"]["name"] == "model.onnx.data" and (out / "model.onnx").stat().st_size < 100_000
             graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -126,6 +128,13 @@ def test_large_model_path_external_data_through_fp32_fp16_int8_and_from_bundle(f
     assert np.abs(outputs["fp32"] - reference).max() <= 1e-6
     copy = build_bundle(BuildConfig(from_bundle=tmp_path / "fp32", backend="onnxruntime", output=tmp_path / "copy"))
     assert read_manifest(copy)["files"]["onnx_data"] == read_manifest(tmp_path / "fp32")["files"]["onnx_data"]
+
+
+def _umask() -> int:
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _as_tensorrt(monkeypatch, installed, strongly_typed=False):
