@@ -26,9 +26,9 @@ from pathlib import Path
 from common import ROOT, machine, save, table
 
 sys.path.insert(0, str(ROOT))
-from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 from runtime.backends import open_backend  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 from runtime.encoder import Encoder  # noqa: E402
 from runtime.loop import LocalizationLoop, LoopConfig  # noqa: E402
 from runtime.maps import bundle_identity, save_map  # noqa: E402

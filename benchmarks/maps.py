@@ -39,7 +39,6 @@ from typing import Iterator, List, Tuple
 import numpy as np
 
 from common import ROOT, save, table
-
 from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 from runtime.maps import load_map, map_info, open_build  # noqa: E402
 from runtime.units import parse_size  # noqa: E402

@@ -26,8 +26,15 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from runtime.bundle import (BACKENDS, CALIBRATION_CACHE, ENGINE_BACKENDS, PRECISIONS, BundleError, read_manifest,
-                            verify_files)
+from runtime.bundle import (
+    BACKENDS,
+    CALIBRATION_CACHE,
+    ENGINE_BACKENDS,
+    PRECISIONS,
+    BundleError,
+    read_manifest,
+    verify_files,
+)
 from runtime.errors import OptionError, PathError
 from runtime.preprocess import list_images
 from runtime.trt_env import cuda_python_available, gpu_info, tensorrt_version

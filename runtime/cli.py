@@ -20,8 +20,17 @@ from .errors import OptionError
 from .evaluate import KS, evaluate, format_recall
 from .files import save_descriptors
 from .images import find_images
-from .maps import (bundle_identity, check_compatible, load_map, map_info, open_add, open_build, poses_for,
-                   read_pose_table, verify_map)
+from .maps import (
+    bundle_identity,
+    check_compatible,
+    load_map,
+    map_info,
+    open_add,
+    open_build,
+    poses_for,
+    read_pose_table,
+    verify_map,
+)
 from .units import parse_size
 
 

@@ -27,6 +27,7 @@ from .rerank import rerank_shortlist
 from .sources import Frame
 from .timing import StageTimer
 
+
 @dataclass
 class Candidate:
     place: str
