@@ -141,7 +141,7 @@ def _as_tensorrt(monkeypatch, installed, strongly_typed=False):
     monkeypatch.setattr(build, "resolve_backend", lambda requested: ("tensorrt", "stand-in for TensorRT"))
     monkeypatch.setattr(build, "installed_target", lambda: installed)
     monkeypatch.setattr(build, "trt_strongly_typed", lambda: strongly_typed)
-    monkeypatch.setattr(build, "tensorrt_version", lambda: {"trt8.5": "8.5.2", "trt8.6": "8.6.1"}.get(installed, "10.3"))
+    monkeypatch.setattr(build, "tensorrt_version", lambda backend="tensorrt": {"trt8.5": "8.5.2", "trt8.6": "8.6.1"}.get(installed, "10.3"))
 
 
 def test_from_bundle_trt_calibrator_feeds_the_calibration_images(fp32, tmp_path, monkeypatch):
