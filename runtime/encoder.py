@@ -90,14 +90,21 @@ class Encoder:
             names.append("local_features")
         return names
 
-    def infer(self, images: np.ndarray) -> Dict[str, np.ndarray]:
-        """A preprocessed batch (B, 3, H, W) -> {'descriptor', ...}."""
-        with self.timer.stage("inference", len(images)):
-            out = self.backend.run(images)
+    def infer(self, images: np.ndarray, times: Optional[Dict[str, float]] = None) -> Dict[str, np.ndarray]:
+        """A preprocessed batch (B, 3, H, W) -> {'descriptor', ...}. ``times`` receives the batch's
+        milliseconds per stage (inference, and aggregation in split mode)."""
+        t0 = time.perf_counter()
+        out = self.backend.run(images)
+        ms = {"inference": (time.perf_counter() - t0) * 1000}
         if self.split:
-            with self.timer.stage("aggregation", len(images)):
-                out = {"descriptor": salad_aggregate(out["token"], out["cluster_features"], out["scores"],
-                                                     self.split["dust_bin"], self.split["iterations"])}
+            t1 = time.perf_counter()
+            out = {"descriptor": salad_aggregate(out["token"], out["cluster_features"], out["scores"],
+                                                 self.split["dust_bin"], self.split["iterations"])}
+            ms["aggregation"] = (time.perf_counter() - t1) * 1000
+        for stage, value in ms.items():
+            self.timer.add(stage, value, len(images))
+        if times is not None:
+            times.update(ms)
         return out
 
     def stream(self, files: Sequence[Path], names: Optional[Sequence[str]] = None,
