@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pytest
 
@@ -282,8 +283,8 @@ def test_coarse_quantizer_is_flat_up_to_8192_lists_and_hnsw_beyond():
     assert ivf_params(1_000_000, 8448)["nlist"] == 4096 and ivf_params(1_000_000, 8448)["coarse"] == "flat"
     assert ivf_params(4_000_000, 8448)["nlist"] == 8192 and ivf_params(4_000_000, 8448)["coarse"] == "flat"
     assert ivf_params(20_000_000, 8448)["nlist"] == 16384 and ivf_params(20_000_000, 8448)["coarse"] == "hnsw"
-    # 1M: codes and ids 72 MB, distance tables 268 MB, PCA 8.7 MB, centroids 4 MB
-    assert 340e6 < index_bytes("ivfpq", 1_000_000, 8448) < 360e6
+    # 1M: codes and ids 72 MB, PCA 8.7 MB, centroids 4 MB (no precomputed distance tables)
+    assert 80e6 < index_bytes("ivfpq", 1_000_000, 8448) < 90e6
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -292,6 +293,8 @@ def test_ivfpq_search_reranks_its_shortlist_exactly_from_the_store(tmp_path, dty
     folder = tmp_path / "m"
     save_map(folder, x[:2500], [f"a{i}" for i in range(2500)], ID, index_type="ivfpq", store_dtype=dtype).close()
     m = add_to_map(load_map(folder), x[2500:], [f"b{i}" for i in range(1500)])  # two segments
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(m.index))
+    assert ivf.precomputed_table.size() == 0 and ivf.use_precomputed_table != 1  # tables computed per query
     rows = np.asarray(m.descriptors, dtype=np.float32)  # what the store holds (float16 rounding included)
     q = noisy(x, np.arange(0, 4000, 37), seed=3)
     for k in (1, 10, 300):  # 300: a shortlist longer than the scorer's first buffer

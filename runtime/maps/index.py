@@ -72,8 +72,7 @@ def index_bytes(kind: str, n: int, d: int) -> int:
         return n * d * 4 + n * HNSW_M * 2 * 4
     p = ivf_params(max(n, IVFPQ_MIN), d)
     coarse = p["nlist"] * p["pca_dim"] * 4 + (p["nlist"] * HNSW_M * 2 * 4 if p["coarse"] == "hnsw" else 0)
-    tables = p["nlist"] * p["pq_m"] * 256 * 4  # faiss's precomputed distance tables (268 MB at 1M)
-    return n * (p["pq_m"] + 8) + p["pca_dim"] * d * 4 + coarse + tables  # codes + ids + PCA + centroids + tables
+    return n * (p["pq_m"] + 8) + p["pca_dim"] * d * 4 + coarse  # codes + ids + PCA + centroids
 
 
 def choose_index(n: int, d: int, budget: Optional[int], requested: str = "auto") -> str:
@@ -152,12 +151,21 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
         ivf.clustering_index = faiss.IndexFlatL2(dp)  # exact k-means; the graph only serves assignment
         quantizer.hnsw.efConstruction = 40
         quantizer.hnsw.efSearch = 512  # assigning the map's rows to their lists (module doc)
+    ivf.use_precomputed_table = -1  # no precomputed distance tables (see read_trained)
     ivf.cp.niter = 10
     ivf.cp.seed = ivf.pq.cp.seed = SEED
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # sample sizes are ours (quiet)
     ivf.cp.max_points_per_centroid = 1 << 20  # the IVF sample is already bounded; PQ keeps faiss' 256 per code
     ivf.train(xt)
     return faiss.IndexPreTransform(pca, ivf), p
+
+
+def read_trained(path) -> faiss.Index:
+    """A trained index as written, without faiss's precomputed IVF-PQ distance tables: they take
+    nlist x 64 x 256 floats (268 MB of resident memory at 1M places, 4096 lists) and did not make
+    a batch-1 search faster (2.0 ms with or without them at 200k, identical results; BENCHMARKS.md
+    §5): the table of each of the 32 lists probed is computed at query time instead."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
 
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF:

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from ..files import sha256_file
-from .index import fill_ivfpq, filled_flat
+from .index import fill_ivfpq, filled_flat, read_trained
 from .layout import MapError, read_manifest, segment_dir, store_file, training_dir, version_path
 from .lock import Lease, take_lease
 from .search import ShortlistSearch
@@ -166,7 +166,7 @@ def _assemble(folder: Path, meta: dict, descriptors: Rows) -> faiss.Index:
         index = faiss.read_index(str(where / "hnsw.faiss"))
         index.hnsw.efSearch = 64
         return index
-    trained = faiss.read_index(str(where / "trained.faiss"))
+    trained = read_trained(where / "trained.faiss")
     offsets = descriptors.offsets
 
     def parts():

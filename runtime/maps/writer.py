@@ -24,7 +24,7 @@ import numpy as np
 
 from ..files import atomic_write, sha256_file
 from .identity import check_compatible
-from .index import IVFPQ_MIN, choose_index, index_bytes, ivfpq_part, needs_retrain, new_hnsw, train_ivfpq
+from .index import IVFPQ_MIN, choose_index, index_bytes, ivfpq_part, needs_retrain, new_hnsw, read_trained, train_ivfpq
 from .layout import (
     FORMAT_VERSION,
     SEGMENT_RE,
@@ -193,7 +193,7 @@ class MapWriter:
             return {**meta, **self._new_training(kind, segments, prev if not retrain else None)}
         # the existing training encodes the new segment; earlier parts are shared
         where = training_dir(self.folder, prev["training"])
-        trained = faiss.read_index(str(where / "trained.faiss"))
+        trained = read_trained(where / "trained.faiss")
         seg = segments[-1]
         part_file = where / f"{seg['name']}.npz"
         self._write_part(part_file, trained, seg)
