@@ -27,7 +27,8 @@ Each query's CPU time (its thread's) is reported beside its wall time: on a load
 difference is time spent waiting for a core. "preempted" is the share of queries during which the
 thread was switched out involuntarily (another process took its core; ``ru_nivcsw``), over all
 queries and over the slowest 5 %: where the latter is near 1 and the CPU p95 is low, the tail is
-the machine's load, not the search. "resident" is the process's anonymous memory after
+the machine's load, not the search. "blocked" is the same for voluntary switches (``ru_nvcsw``:
+the thread waited, for the disk or for a lock). "resident" is the process's anonymous memory after
 loading and searching, less what it held before loading; file-backed pages are reported apart.
 
     python benchmarks/maps.py --n 100000 --dim 8448 [--index auto] [--memory-budget 1GB] [--keep]
@@ -182,19 +183,21 @@ for nprobe, shortlist in {settings!r}:
             continue
         if cache == "warm":
             m.search(q, 10)  # every row these queries re-rank is now in the page cache
-        lat, cpu, switched, ids = [], [], [], []
+        lat, cpu, switched, blocked, ids = [], [], [], [], []
         for i in range(len(q)):
             if cache == "cold":
                 fadvise_out()  # none of them is
-            u = resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+            u = resource.getrusage(resource.RUSAGE_THREAD)
             t, c = time.perf_counter(), time.thread_time()
             _, r = m.search(q[i:i + 1], 10)
             lat.append((time.perf_counter() - t) * 1000)
             cpu.append((time.thread_time() - c) * 1000)
-            switched.append(resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw - u)
+            v = resource.getrusage(resource.RUSAGE_THREAD)
+            switched.append(v.ru_nivcsw - u.ru_nivcsw)
+            blocked.append(v.ru_nvcsw - u.ru_nvcsw)
             ids.append(r[0].tolist())
         runs.append({{"nprobe": nprobe, "shortlist": shortlist, "cache": cache, "latency_ms": lat, "cpu_ms": cpu,
-                      "preempted": switched, "ids": ids}})
+                      "preempted": switched, "blocked": blocked, "ids": ids}})
 end = status()
 res.update(runs=runs, rss_anon_end=end["RssAnon"], rss_file_end=end["RssFile"], vm_hwm=end["VmHWM"])
 print(json.dumps(res))
@@ -303,15 +306,18 @@ def main() -> int:
             ids = np.array(run.pop("ids"))
             lat, cpu = np.array(run.pop("latency_ms")), run.pop("cpu_ms")
             switched = np.array(run.pop("preempted")) > 0
+            blocked = np.array(run.pop("blocked")) > 0
             slow = lat >= np.percentile(lat, 95)
             r = run  # its figures are added in place
             r.update(p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95)),
                      cpu_p50_ms=float(np.percentile(cpu, 50)), cpu_p95_ms=float(np.percentile(cpu, 95)),
                      preempted=float(switched.mean()), slowest_preempted=float(switched[slow].mean()),
+                     blocked=float(blocked.mean()), slowest_blocked=float(blocked[slow].mean()),
                      r1=recall(ids, truth16, 1), r10=recall(ids, truth16, 10))
             rows.append([info["count"], info["dim"], info["index"], r["threads"], f"{r['nprobe']}/{r['shortlist']}",
                          r["cache"], r["p50_ms"], r["p95_ms"], r["cpu_p50_ms"], r["cpu_p95_ms"],
-                         f"{r['preempted']:.2f} / {r['slowest_preempted']:.2f}", r["r1"], r["r10"]])
+                         f"{r['preempted']:.2f} / {r['slowest_preempted']:.2f}",
+                         f"{r['blocked']:.2f} / {r['slowest_blocked']:.2f}", r["r1"], r["r10"]])
         resident = res["rss_anon_end"] - res["rss_anon_before"]
         summary = {**built, "n": info["count"], "dim": info["dim"], "index": info["index"], "params": params,
                    "load_s": res["load_s"], "resident_mb": resident / 2 ** 20,
@@ -321,7 +327,8 @@ def main() -> int:
                    "index_estimate_mb": info["index_bytes_estimate"] / 2 ** 20,
                    "load_average_before": load_before, "load_average_after": os.getloadavg()}
         print(table(["n", "dim", "index", "threads", "nprobe/shortlist", "cache", "b1 p50 ms", "b1 p95 ms",
-                     "CPU p50 ms", "CPU p95 ms", "preempted (all / slowest 5 %)", "R@1 vs exact", "R@10 vs exact"],
+                     "CPU p50 ms", "CPU p95 ms", "preempted (all / slowest 5 %)", "blocked (all / slowest 5 %)",
+                     "R@1 vs exact", "R@10 vs exact"],
                     rows))
         print(table(["build s", "of which generating", "index s", "build peak RSS MB", "load s", "resident MB",
                      "file-backed MB", "store MB (on disk)", "fp16 top-1 = fp32 top-1", "load avg"],
