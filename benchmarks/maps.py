@@ -176,8 +176,7 @@ def fadvise_out():
 runs = []
 for nprobe, shortlist in {settings!r}:
     if m.kind == "ivfpq":
-        m.meta["index"]["params"]["shortlist"] = shortlist
-        faiss.extract_index_ivf(m.index).nprobe = nprobe
+        m.tune(nprobe=nprobe, shortlist=shortlist)
     for cache in ("warm", "cold"):
         if cache == "cold" and m.kind != "ivfpq":
             continue

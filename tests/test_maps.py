@@ -312,6 +312,31 @@ def test_ivfpq_search_reranks_its_shortlist_exactly_from_the_store(tmp_path, dty
     np.testing.assert_array_equal(m.search(q, 5)[1], one)
 
 
+def test_tune_sets_the_search_depth_of_this_reader_only(tmp_path):
+    x = clustered(3000, 64)
+    folder = tmp_path / "m"
+    save_map(folder, x, [f"a{i}" for i in range(3000)], ID, index_type="ivfpq").close()
+    m, other = load_map(folder), load_map(folder)
+    ivf = faiss.extract_index_ivf(m.index)
+    q = noisy(x, np.arange(0, 3000, 97), seed=5)
+    m.tune(nprobe=ivf.nlist, shortlist=400)
+    assert ivf.nprobe == ivf.nlist and faiss.extract_index_ivf(other.index).nprobe == 32
+    _, ids = m.search(q, 10)
+    _, cand = m.index.search(q, 400)  # every list probed: the exact re-rank sees 400 rows a query
+    rows = np.asarray(m.descriptors, dtype=np.float32)
+    for i in range(len(q)):
+        short = np.unique(cand[i][cand[i] >= 0])
+        assert len(short) == 400
+        np.testing.assert_array_equal(ids[i], short[np.argsort(-(rows[short] @ q[i]), kind="stable")[:10]])
+    assert other.meta["index"]["params"]["shortlist"] == 100  # the other reader keeps the map's defaults
+    with pytest.raises(MapError, match="nprobe must be a positive integer"):
+        m.tune(nprobe=0)
+    flat = tmp_path / "f"
+    save_map(flat, x[:500], [f"a{i}" for i in range(500)], ID).close()
+    with pytest.raises(MapError, match="flat map has no nprobe"):
+        load_map(flat).tune(nprobe=8)
+
+
 def test_store_rows_are_read_in_runs_across_segments(tmp_path):
     from runtime.maps.search import StoreFiles
     x = clustered(300, 64)
