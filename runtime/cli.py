@@ -295,7 +295,9 @@ def _run_loop(args, localizer) -> int:
     from .loop import JsonlWriter, format_summary
     from .sources import open_source
 
-    recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k]) if args.ground_truth else None
+    recall = None
+    if args.ground_truth:
+        recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k])
     source = open_source(args.source, fps=args.fps)
     _log_to_stderr()
     writer = JsonlWriter(args.output) if args.output else None
