@@ -28,6 +28,7 @@ from common import ROOT, machine, save, table
 sys.path.insert(0, str(ROOT))
 from runtime.backends import open_backend  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 from runtime.encoder import Encoder  # noqa: E402
 from runtime.loop import LocalizationLoop, LoopConfig  # noqa: E402
 from runtime.maps import bundle_identity, save_map  # noqa: E402
@@ -88,7 +89,7 @@ def search_threads(sizes, queries=(1, 8), repeats: int = 40) -> list:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads of the throughput runs")
     p.add_argument("--batch-sizes", default="1,4,8")
@@ -136,4 +137,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

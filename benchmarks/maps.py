@@ -39,7 +39,7 @@ from typing import Iterator, List, Tuple
 import numpy as np
 
 from common import ROOT, save, table
-
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 from runtime.maps import load_map, map_info, open_build  # noqa: E402
 from runtime.units import parse_size  # noqa: E402
 
@@ -201,7 +201,7 @@ def recall(ids: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=100_000, help="map size")
     p.add_argument("--dim", type=int, default=8448)
     p.add_argument("--queries", type=int, default=300)
@@ -290,4 +290,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

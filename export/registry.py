@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
-from runtime.errors import UserError
+from runtime.errors import OptionError, UserError
 from runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 from .models.dinov2 import ARCHS, PATCH
@@ -86,9 +86,9 @@ def get_config(name: str, image_size: Optional[int] = None, depth: Optional[int]
     cfg = _REGISTRY[name]
     if image_size is not None:
         if image_size % PATCH:
-            raise ValueError(f"--image-size {image_size} is not a multiple of the patch size {PATCH}")
+            raise OptionError(f"--image-size {image_size} is not a multiple of the patch size {PATCH}")
         if cfg.method in ("selavpr", "cricavpr") and image_size != cfg.image_size[0]:
-            raise ValueError(f"{name} is defined at {cfg.image_size[0]}x{cfg.image_size[1]} only "
+            raise OptionError(f"{name} is defined at {cfg.image_size[0]}x{cfg.image_size[1]} only "
                              "(its official head hard-codes a 16x16 patch grid)")
         cfg = replace(cfg, image_size=(image_size, image_size))
     if depth is not None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Set, Union
 
 from .errors import UserError
 from .files import atomic_write, sha256_file
 from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
+CALIBRATION_CACHE = "calibration.cache"  # TensorRT 8.x implicit INT8 calibration
+REPORT = "precision_report.json"  # written into a bundle after its build (python -m calibration report)
 FORMAT_VERSION = 1
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")  # engine.plan, run by runtime/backends/tensorrt_backend.py
 BACKENDS = ("onnxruntime",) + ENGINE_BACKENDS
@@ -80,7 +82,8 @@ def read_manifest(folder: Union[str, Path]) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise BundleError(f"{folder}: no such bundle directory")
+        what = "a file, not a bundle folder" if folder.exists() else "no such bundle directory"
+        raise BundleError(f"{folder}: {what} (build one with python export/build_engine.py)")
     if not path.is_file():
         raise BundleError(f"{path}: missing; {folder} is not a bundle (build one with python export/build_engine.py)")
     try:
@@ -154,6 +157,19 @@ def load_bundle(folder: Union[str, Path], verify: bool = True, check_engine: boo
         from .trt_env import check_engine_compatible
         check_engine_compatible(manifest.get("tensorrt", {}), bundle.rebuild_hint, folder, manifest["backend"])
     return bundle
+
+
+def bundle_file_names(folder: Path) -> Optional[Set[str]]:
+    """The names a previous bundle in ``folder`` consists of (manifest, listed files, precision
+    report), or None when ``folder`` holds no readable bundle manifest: what a build may replace."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        names = {e["name"] for e in manifest["files"].values()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not all(isinstance(n, str) for n in names):
+        return None
+    return names | {MANIFEST, REPORT}
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

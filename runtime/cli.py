@@ -1,4 +1,7 @@
-"""``python -m runtime``: encode, map build/add/info, localize, evaluate, profile. Torch-free."""
+"""``python -m runtime``: encode, map build/add/info, localize, evaluate, profile. Torch-free.
+
+Errors a user can cause print as one line ``error: ...`` (exit 2); ``-v`` shows third-party
+warnings (runtime.cli_util)."""
 from __future__ import annotations
 
 import argparse
@@ -8,19 +11,28 @@ from pathlib import Path
 from typing import List, Optional
 
 from .backends import open_backend
-from .bundle import BundleError, load_bundle
-from .datasets import DatasetError, load_dataset
-from .decisions import DecisionError, DecisionRule, save_acceptance
+from .bundle import load_bundle
+from .cli_util import ArgumentParser, add_verbose, configure_logs, run_cli
+from .datasets import load_dataset
+from .decisions import DecisionRule, save_acceptance
 from .encoder import Encoder
+from .errors import OptionError
 from .evaluate import KS, evaluate, format_recall
 from .files import save_descriptors
 from .formats import FORMATS, HlocWriter
 from .images import find_images
-from .maps import (MapError, bundle_identity, check_compatible, load_map, map_info, open_add, open_build, poses_for,
-                   read_pose_table, verify_map)
+from .maps import (
+    bundle_identity,
+    check_compatible,
+    load_map,
+    map_info,
+    open_add,
+    open_build,
+    poses_for,
+    read_pose_table,
+    verify_map,
+)
 from .units import parse_size
-
-EXPECTED_ERRORS = (BundleError, MapError, DatasetError, FileNotFoundError, ValueError, RuntimeError)
 
 
 def _common(p: argparse.ArgumentParser, images: bool = True) -> None:
@@ -40,6 +52,7 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="ONNX Runtime bundles: cuda uses the CUDA execution provider where present")
     p.add_argument("--cuda-graph", action="store_true", help="TensorRT bundles: capture each batch size in a CUDA graph")
+    add_verbose(p)
 
 
 def _open(bundle, args):
@@ -47,7 +60,7 @@ def _open(bundle, args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    p = ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("encode", help="descriptors of every image of a folder")
@@ -81,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     ma.add_argument("--poses", type=Path)
     mi = msub.add_parser("info", help="describe a map")
     mi.add_argument("--map", required=True, type=Path)
+    add_verbose(mi)
     mv = msub.add_parser("verify", help="hash every file of a map (loading hashes all but the large stores)")
     mv.add_argument("--map", required=True, type=Path)
+    add_verbose(mv)
 
     lo = sub.add_parser("localize", help="the localization loop over a folder, video file or camera",
                         description="The localization loop. One JSON line per frame (--output): its best place, "
@@ -147,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", type=Path, help="real images to feed (default: random tensors; decode not timed)")
     pr.add_argument("--map-size", type=int, default=10000, help="descriptors in the synthetic search map")
     pr.add_argument("--rerank", type=int, default=0, metavar="K", help="time re-ranking of K candidates (SelaVPR)")
-    pr.add_argument("--threads", type=int, default=None)
+    _backend_args(pr)
     pr.add_argument("--output", type=Path, default=Path("out/profile"), help="folder for profile.json/.md/.png")
     return p
 
@@ -158,9 +173,9 @@ def cmd_profile(args) -> int:
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
-        raise ValueError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+        raise OptionError(f"--batch {args.batch!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
     report = profile_bundle(load_bundle(args.bundle), batches, args.iterations, args.warmup, args.images,
-                            args.map_size, args.rerank, args.threads)
+                            args.map_size, args.rerank, args.threads, device=args.device, cuda_graph=args.cuda_graph)
     print(markdown(report))
     print("wrote " + ", ".join(str(p) for p in write(report, args.output)))
     return 0
@@ -202,7 +217,7 @@ def cmd_encode(args) -> int:
 def _encode_hloc(args) -> int:
     """Streamed into a temporary HDF5 file beside the output, renamed over it when complete."""
     if args.save_local:
-        raise ValueError("--save-local: local features are written with --format npy only")
+        raise OptionError("--save-local: local features are written with --format npy only")
     images = find_images(args.images)
     failures: list = []
     with HlocWriter(args.output) as writer, _encoder(args) as enc:
@@ -349,9 +364,9 @@ def cmd_evaluate(args) -> int:
     from .evaluate import operating_points, plot_precision_recall
 
     if args.save_threshold and not args.map:
-        raise MapError("--save-threshold stores the threshold with a map: give the map with --map")
+        raise OptionError("--save-threshold stores the threshold with a map: give the map with --map")
     if not 0 < args.target_precision <= 1:
-        raise DecisionError(f"--target-precision {args.target_precision}: expected a precision in (0, 1]")
+        raise OptionError(f"--target-precision {args.target_precision}: expected a precision in (0, 1]")
     bundle = load_bundle(args.bundle)
     identity = bundle_identity(bundle)
     place_map = None
@@ -423,11 +438,11 @@ def _decision_table(dec: dict, rule) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"encode": cmd_encode, "map": cmd_map, "localize": cmd_localize, "evaluate": cmd_evaluate,
-               "profile": cmd_profile}[args.command]
-    try:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        configure_logs(args.verbose)
+        handler = {"encode": cmd_encode, "map": cmd_map, "localize": cmd_localize, "evaluate": cmd_evaluate,
+                   "profile": cmd_profile}[args.command]
         return handler(args)
-    except EXPECTED_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_cli(body)

@@ -24,11 +24,12 @@ import numpy as np
 
 from .backends import open_backend
 from .bundle import Bundle
-from .datasets import Dataset
+from .datasets import Dataset, DatasetError
 from .decisions import Decider, DecisionRule
 from .encoder import Encoder
+from .errors import OptionError
 from .maps import PlaceMap
-from .pipeline import OptionError, rerank_row
+from .pipeline import rerank_row
 from .timing import StageTimer
 
 KS = (1, 5, 10, 20)
@@ -152,6 +153,9 @@ def evaluate(bundle: Bundle, dataset: Dataset, rerank: int = 0, ks: Sequence[int
     depth = max(max(ks), rerank)
     if place_map is None:
         db = encoder.encode_files(dataset.database, progress=progress, keep=keep)
+        if not db.names:
+            raise DatasetError(f"{dataset.root}: none of the {len(dataset.database)} database images could be read "
+                               "(listed above); nothing to search")
         failures += db.failures
         db_encoded = set(db.names)
         # ground truth refers to dataset indices: map encoded rows back to them

@@ -18,10 +18,11 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 from .bundle import Bundle
 from .decisions import DecisionRule, load_acceptance
 from .encoder import Encoder
+from .errors import OptionError
 from .inputs import to_rgb
 from .loop import LocalizationLoop, LoopConfig, faiss_threads, search_threads
 from .maps import PlaceMap, bundle_identity, check_compatible, load_map
-from .pipeline import Match, OptionError, Pipeline
+from .pipeline import Match, Pipeline
 from .sources import Frame
 from .timing import StageTimer
 

@@ -54,8 +54,9 @@ from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tu
 
 from .decisions import DecisionRule
 from .encoder import Encoder
+from .errors import OptionError
 from .maps import PlaceMap
-from .pipeline import OptionError, Pipeline
+from .pipeline import Pipeline
 from .sources import COMPLETE, Frame
 from .timing import StageTimer
 

@@ -20,15 +20,12 @@ import numpy as np
 
 from .decisions import Decider, DecisionRule
 from .encoder import Encoder
-from .errors import UserError
+from .errors import OptionError
 from .maps import PlaceMap
 from .preprocess import preprocess_image
 from .rerank import rerank_shortlist
 from .sources import Frame
 from .timing import StageTimer
-
-class OptionError(UserError, ValueError):
-    """An option the pipeline cannot honour with this bundle or map."""
 
 
 @dataclass

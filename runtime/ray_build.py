@@ -44,7 +44,6 @@ class EncodeActor:
         from .backends import open_backend
         from .bundle import load_bundle
         from .encoder import Encoder
-
         from .maps import bundle_identity
 
         b = load_bundle(bundle)

@@ -34,8 +34,8 @@ def tensorrt_version(backend: str = "tensorrt") -> Optional[str]:
     return getattr(trt, "__version__", None) if trt is not None else None
 
 
-def gpu_info(device: int = 0) -> Optional[dict]:
-    """{'name', 'compute_capability'} of a usable CUDA device, else None."""
+def cuda_runtime():
+    """cuda-python's runtime module (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6), or None."""
     try:
         from cuda.bindings import runtime as cudart
     except Exception:  # noqa: BLE001
@@ -43,6 +43,18 @@ def gpu_info(device: int = 0) -> Optional[dict]:
             from cuda import cudart  # cuda-python < 12.6 layout (JetPack 5/6 images)
         except Exception:  # noqa: BLE001
             return None
+    return cudart
+
+
+def cuda_python_available() -> bool:
+    return cuda_runtime() is not None
+
+
+def gpu_info(device: int = 0) -> Optional[dict]:
+    """{'name', 'compute_capability'} of a usable CUDA device, else None."""
+    cudart = cuda_runtime()
+    if cudart is None:
+        return None
     try:
         err, count = cudart.cudaGetDeviceCount()
         if int(err) != 0 or not count:

@@ -114,11 +114,13 @@ def test_profile_command_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "prof"
     proc = subprocess.run([sys.executable, "-m", "runtime", "profile", "--bundle", str(folder), "--batch", "1,2,9",
                            "--iterations", "4", "--warmup", "2", "--images", str(DATA / "vprbench_corridor" / "queries"),
-                           "--map-size", "500", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
+                           "--map-size", "500", "--device", "cpu", "--output", str(out)], cwd=ROOT, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "skipping batch 9" in proc.stderr  # outside the bundle's 1..4 profile
     report = _json.loads((out / "profile.json").read_text())
     assert set(report["batches"]) == {"1", "2"} and report["warmup_excluded"] == 2
+    assert report["device"] == "cpu" and report["cuda_graph"] is False
     for r in report["batches"].values():
         for s in r["stages"].values():
             assert s["p50"] <= s["p95"] <= s["p99"] <= s["max"]

@@ -58,7 +58,8 @@ def _build(*args):
 def bundles(tmp_path_factory):
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("int8")
-    common = ["--model", "gem-dinov2-vits14", "--random-weights", "--depth", "2", "--batch", "1:8:16", "--skip-parity"]
+    common = ["--model", "gem-dinov2-vits14", "--random-weights", "--depth", "2", "--batch", "1:8:16", "--skip-parity",
+              "--backend", "onnxruntime"]
     _build(*common, "--precision", "fp32", "--output", root / "fp32")
     _build(*common, "--precision", "fp16", "--output", root / "fp16")
     _build(*common, "--precision", "int8", "--calibration-images", CORRIDOR / "database", NORDLAND / "database",
@@ -71,7 +72,8 @@ def test_int8_bundle_runs_integer_kernels_and_passes_the_checks(bundles):
     assert m["precision"] == "int8" and m["calibration"]["mode"] == "explicit Q/DQ"
     assert m["calibration"]["attention_fp32"] > 0  # 322 x 322: 530 tokens, over ModelOpt's 512 for INT8 attention
     assert m["calibration"]["images"] == 64 and m["calibration"]["method"] == "entropy"
-    assert sum(m["checks"]["onnxruntime_integer_ops"].values()) >= 8  # integer kernels, not dequantised FP32
+    assert sum(m["calibration"]["integer_ops"].values()) >= 8  # integer kernels, not dequantised FP32
+    assert m["checks"]["tensorrt_static_check"]["passed"] and m["checks"]["tensorrt_static_check"]["target"] == "trt10"
     graph = onnx.load(str(bundles / "int8" / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization"} <= ops
@@ -115,7 +117,11 @@ def test_standalone_quantize_is_torch_free(bundles, tmp_path, method):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "manifest.json").read_text())
-    assert m["calibration"]["method"] == method and m["checks"]["onnxruntime_integer_ops"]
+    assert m["calibration"]["method"] == method and m["calibration"]["integer_ops"]
+    # the same writer and checks as build_engine: the Q/DQ graph's static TensorRT check and parity
+    assert m["checks"]["tensorrt_static_check"]["passed"]
+    assert m["checks"]["parity_vs_fp32_graph"]["min_cosine"] >= m["checks"]["parity_vs_fp32_graph"]["threshold"] == 0.99
+    assert "checks passed" in proc.stdout and "parity vs the FP32 graph" in proc.stdout
     if rtx_available():  # the graph a device's TensorRT gets: parsed and built by TensorRT itself
         assert m["checks"]["tensorrt_rtx"]["profile"] == m["batch"] and "parse + AOT build" in proc.stdout
 

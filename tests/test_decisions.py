@@ -1,6 +1,5 @@
 """Match decisions (no torch): the rules, the precision-recall sweep against brute force, and the
 rule saved beside a map."""
-import json
 
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ from runtime.errors import UserError
 from runtime.loop import CostModel, JsonlWriter, LocalizationLoop, LoopConfig, admit, format_summary
 from runtime.maps import load_map
 from runtime.pipeline import Match
-from runtime.sources import Frame, FolderSource, OpenCVSource, ReplaySource, SourceError, open_source
+from runtime.sources import FolderSource, Frame, OpenCVSource, ReplaySource, SourceError, open_source
 
 STAGES = {"decode", "queue", "preprocess", "inference", "aggregation", "search", "rerank", "service", "total"}
 

@@ -9,8 +9,20 @@ import numpy as np
 import pytest
 
 from reference import ROOT
-from runtime.maps import (MapError, add_to_map, check_compatible, choose_index, load_map, map_info, open_add,
-                          open_build, read_poses, save_map, set_metadata, verify_map)
+from runtime.maps import (
+    MapError,
+    add_to_map,
+    check_compatible,
+    choose_index,
+    load_map,
+    map_info,
+    open_add,
+    open_build,
+    read_poses,
+    save_map,
+    set_metadata,
+    verify_map,
+)
 from runtime.maps.index import RETRAIN_GROWTH
 
 ID = {"model": "m", "dim": 64, "preprocessing": {"size": [28, 28]}, "batch_mode": "independent",

@@ -191,7 +191,7 @@ def test_overload_keeps_latency_within_budget_and_accounts_for_every_frame(tmp_p
     out = tmp_path / "gem"
     proc = subprocess.run([sys.executable, str(ROOT / "export" / "build_engine.py"), "--model", "gem-dinov2-vits14",
                            "--random-weights", "--depth", "1", "--image-size", "224", "--precision", "fp32",
-                           "--batch", "1:4:4", "--skip-parity", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
+                           "--batch", "1:4:4", "--skip-parity", "--backend", "onnxruntime", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
     enc = Encoder(bundle, open_backend(bundle, threads=2), batch_size=4)

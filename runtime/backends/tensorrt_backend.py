@@ -9,8 +9,7 @@ in ``~/.cache/vpr-edge/tensorrt-rtx/`` (``$VPR_EDGE_CACHE``), one file per engin
 start without compiling.
 
 Buffers are planned once for the profile's maximum batch (``plan_buffers``) and reused, pinned on
-the host; one non-default stream with asynchronous copies (``cuda_memory``: cuda-python, else
-pycuda). With ``cuda_graph=True`` each batch size's enqueue is captured once into a CUDA graph
+the host; one non-default stream with asynchronous copies (``cuda_memory``: cuda-python). With ``cuda_graph=True`` each batch size's enqueue is captured once into a CUDA graph
 and replayed (after a first uncaptured run, as trtexec does); the copies stay outside the graph.
 """
 from __future__ import annotations
@@ -87,7 +86,7 @@ class TensorRTBackend(Backend):
         for name, size in plan_buffers(io, self.max_batch).items():
             self.buffers[name] = self.mem.alloc(size)
             self.context.set_tensor_address(name, self.buffers[name][0])
-        self.cuda_graph = cuda_graph and self.mem.name == "cuda-python"
+        self.cuda_graph = cuda_graph
         self.graphs: Dict[int, object] = {}
         self.profiler = None
         self.last_timings: Dict[str, float] = {}

@@ -7,8 +7,17 @@ from .index import FLAT_MAX, INDEX_TYPES, IVFPQ_MIN, choose_index, index_bytes
 from .layout import FORMAT_VERSION, MapError, is_map
 from .reader import PlaceMap, load_map, map_info, verify_map
 from .store import check_finite
-from .writer import (MapWriter, add_to_map, open_add, open_build, poses_for, read_pose_table, read_poses, save_map,
-                     set_metadata)
+from .writer import (
+                     MapWriter,
+                     add_to_map,
+                     open_add,
+                     open_build,
+                     poses_for,
+                     read_pose_table,
+                     read_poses,
+                     save_map,
+                     set_metadata,
+)
 
 __all__ = ["FLAT_MAX", "FORMAT_VERSION", "INDEX_TYPES", "IVFPQ_MIN", "MapError", "MapWriter", "PlaceMap",
            "add_to_map", "bundle_identity", "check_compatible", "check_finite", "choose_index", "index_bytes",

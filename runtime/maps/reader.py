@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from ..files import sha256_file
-from .index import filled_flat, fill_ivfpq
+from .index import fill_ivfpq, filled_flat
 from .layout import MapError, read_manifest, segment_dir, store_file, training_dir, version_path
 from .lock import Lease, take_lease
 from .store import Rows, open_rows

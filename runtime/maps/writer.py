@@ -24,10 +24,26 @@ import numpy as np
 
 from ..files import atomic_write, sha256_file
 from .identity import check_compatible
-from .index import (IVFPQ_MIN, choose_index, index_bytes, ivfpq_part, needs_retrain, new_hnsw, train_ivfpq)
-from .layout import (FORMAT_VERSION, SEGMENT_RE, STORE_DTYPES, TRAINING_RE, VERSION_RE, MapError, current_version,
-                     is_map, next_name, numbered, read_manifest, segment_dir, store_file, training_dir,
-                     version_path, versions_dir, write_current)
+from .index import IVFPQ_MIN, choose_index, index_bytes, ivfpq_part, needs_retrain, new_hnsw, train_ivfpq
+from .layout import (
+    FORMAT_VERSION,
+    SEGMENT_RE,
+    STORE_DTYPES,
+    TRAINING_RE,
+    VERSION_RE,
+    MapError,
+    current_version,
+    is_map,
+    next_name,
+    numbered,
+    read_manifest,
+    segment_dir,
+    store_file,
+    training_dir,
+    version_path,
+    versions_dir,
+    write_current,
+)
 from .lock import WriterLock, try_claim
 from .reader import PlaceMap, load_map, read_names
 from .store import Rows, SegmentWriter, open_rows
