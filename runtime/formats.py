@@ -14,14 +14,13 @@ an interrupted run leaves no half-written file.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 
 from .errors import UserError
+from .files import publish, temp_beside
 
 FORMATS = ("npy", "hloc")
 DATASET = "global_descriptor"
@@ -56,20 +55,14 @@ class HlocWriter:
     def __init__(self, path: Union[str, Path]) -> None:
         h5py = _h5py()
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise FormatError(f"{self.path}: cannot write here ({exc.strerror or exc})") from exc
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = temp_beside(self.path)
         self.file = h5py.File(self.tmp, "w", libver="latest")  # compact groups, as hloc writes them
         self.count = 0
 
     def append(self, names: Sequence[str], descriptors: np.ndarray) -> None:
         """One batch: ``descriptors`` float32 (len(names), D), row i for ``names[i]``."""
         if len(names) != len(descriptors):
-            raise ValueError(f"{len(names)} names for {len(descriptors)} descriptors")
+            raise ValueError(f"{len(names)} names for {len(descriptors)} descriptors")  # a caller's bug
         for name, row in zip(names, np.asarray(descriptors, dtype=np.float32)):
             problem = hloc_name_problem(name)
             if problem:
@@ -79,10 +72,7 @@ class HlocWriter:
 
     def commit(self) -> None:
         self.file.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(self.tmp, 0o644)
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
 
     def discard(self) -> None:
         if self.file:

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loop_helpers import colours, tiny_map
+from loop_helpers import colours, tiny_map, write_video
 from runtime import Encoder, Localizer, Match, UserError
 from runtime.decisions import DecisionRule, save_acceptance
 from runtime.encoder import EncoderClosedError
+from runtime.errors import OptionError
 from runtime.images import find_images
 from runtime.inputs import ImageInputError
 from runtime.maps import MapError, bundle_identity, save_map
-from runtime.pipeline import OptionError
 from runtime.preprocess import ImageDecodeError
 from runtime.sources import ReplaySource
 from test_bundle import make_bundle
@@ -180,3 +180,31 @@ def test_open_refuses_bad_options_and_foreign_maps(tiny, tmp_path):
         Localizer.open(other, map_dir)
     with pytest.raises(MapError):
         Localizer.open(bundle, tmp_path / "no-map")
+
+
+def readme_example() -> str:
+    """The README's Python API example, as it is written there."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The Python API"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", 10)]
+
+
+def test_the_readme_example_runs_as_written(tiny, tmp_path):
+    """The README's example with the test's bundle and map in place of the demo's, and a video
+    file in place of the camera (it says a video file's path may be given)."""
+    pytest.importorskip("cv2")
+    bundle, map_dir, images = tiny
+    video = write_video(tmp_path / "walk.avi", [images[i].resize((64, 48)) for i in (3, 4, 5, 6, 7)])
+    code = readme_example()
+    for old, new in (('"engines/demo-gem-dinov2-vits14"', repr(str(bundle))),
+                     ('"out/demo-map-gem-dinov2-vits14"', repr(str(map_dir))), ("VideoCapture(0)", f"VideoCapture({str(video)!r})")):
+        assert old in code, old
+        code = code.replace(old, new)
+    code += "\nprint('D', d.shape, d.dtype)\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "D (2, 3) float32"
+    # five frames walking through places 3..7: accepted from the third agreeing frame on (consistency=3)
+    assert [line.split()[0] for line in lines[:-1]] == ["p5", "p6", "p7"], proc.stdout
+    assert all(line.split()[2] == "None" and line.endswith(" ms") for line in lines[:-1])

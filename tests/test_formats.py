@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.errors import PathError
 from runtime.formats import FormatError, HlocWriter, save_hloc
 from test_bundle import make_bundle
 
@@ -116,3 +117,13 @@ def test_save_hloc_refuses_names_outside_the_root_and_leaves_nothing(tmp_path):
     assert {k: v.tolist() for k, v in read_like_hloc(tmp_path / "g.h5").items()} == {"a.jpg": [1, 0], "b/c.jpg": [0, 1]}
     with pytest.raises(ValueError, match="2 names for 1 descriptors"), HlocWriter(tmp_path / "h.h5") as w:
         w.append(["a", "b"], d[:1])
+
+    # an existing file is replaced whole; a folder or a path under a file is refused, naming it
+    save_hloc(tmp_path / "g.h5", ["z.jpg"], d[1:])
+    assert {k: v.tolist() for k, v in read_like_hloc(tmp_path / "g.h5").items()} == {"z.jpg": [0, 1]}
+    (tmp_path / "folder").mkdir()
+    for bad, words in ((tmp_path / "folder", "is a folder"), (tmp_path / "g.h5" / "x.h5", "a file is in the way")):
+        with pytest.raises(PathError, match=words) as caught:
+            save_hloc(bad, ["a.jpg"], d[:1])
+        assert str(bad) in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "g.h5"]

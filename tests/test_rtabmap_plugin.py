@@ -130,6 +130,11 @@ def test_the_settings_line_for_a_bundle(bundle):
         "--Mem/GlobalDescriptorStrategy 1 --Kp/TfIdfLikelihoodUsed false --Mem/RehearsalSimilarity 1 "
         f"--PyDescriptor/Dim 3 --PyDescriptor/Path {PLUGIN_DIR / 'vpr_edge_rtabmap.py'}")
     assert "descriptor (1, 3) float32, norm 1.000000" in proc.stdout
+    for env, words in (({}, "error: set VPR_EDGE_BUNDLE"), ({"VPR_EDGE_BUNDLE": str(FRAME)}, f"error: {FRAME}")):
+        proc = subprocess.run([sys.executable, str(PLUGIN_DIR / "vpr_edge_rtabmap.py")], cwd=ROOT,
+                              capture_output=True, text=True, env={**_env(), **env})
+        assert proc.returncode == 2 and proc.stderr.startswith(words), proc.stderr
+        assert len(proc.stderr.splitlines()) == 1 and not proc.stdout
 
 
 def _env() -> dict:

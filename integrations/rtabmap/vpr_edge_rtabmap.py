@@ -144,29 +144,28 @@ def _describe(exc: Exception) -> str:
 def main(argv=None) -> int:
     """Print the RTAB-Map settings for ``VPR_EDGE_BUNDLE``; with an image, also extract it as
     RTAB-Map would (int8 BGR) and print the descriptor's shape and norm."""
-    import argparse
+    from runtime.cli_util import ArgumentParser, run_cli
+    from runtime.errors import OptionError
+    from runtime.inputs import to_rgb
 
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("image", nargs="?", type=Path, help="an image file to extract, as a check")
-    args = p.parse_args(argv)
-    bundle = os.environ.get(BUNDLE_ENV)
-    if not bundle:
-        print(f"error: set {BUNDLE_ENV} to a bundle folder", file=sys.stderr)
-        return 2
-    try:
+    def body() -> int:
+        p = ArgumentParser(prog="vpr_edge_rtabmap.py", description=main.__doc__)
+        p.add_argument("image", nargs="?", type=Path, help="an image file to extract, as a check")
+        args = p.parse_args(argv)
+        bundle = os.environ.get(BUNDLE_ENV)
+        if not bundle:
+            raise OptionError(f"set {BUNDLE_ENV} to a bundle folder (engines/<name>)")
         with Encoder.from_bundle(bundle, batch_size=1) as encoder:
             dim = encoder.dim
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(SETTINGS.format(dim=dim, path=Path(__file__).resolve()))
-    if args.image:
-        from runtime.inputs import to_rgb
-        init(dim)
-        bgr = np.ascontiguousarray(np.asarray(to_rgb(args.image))[:, :, ::-1])
-        d = extract(bgr.view(np.int8))
-        print(f"{args.image}: descriptor {d.shape} {d.dtype}, norm {np.linalg.norm(d):.6f}")
-    return 0
+        print(SETTINGS.format(dim=dim, path=Path(__file__).resolve()))
+        if args.image:
+            bgr = np.ascontiguousarray(np.asarray(to_rgb(args.image))[:, :, ::-1])
+            init(dim)
+            d = extract(bgr.view(np.int8))
+            print(f"{args.image}: descriptor {d.shape} {d.dtype}, norm {np.linalg.norm(d):.6f}")
+        return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
