@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .backends import open_backend
 from .bundle import load_bundle
 from .cli_util import ArgumentParser, add_verbose, configure_logs, run_cli
 from .datasets import load_dataset
@@ -53,10 +52,6 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime bundles: cuda uses the CUDA execution provider where present")
     p.add_argument("--cuda-graph", action="store_true", help="TensorRT bundles: capture each batch size in a CUDA graph")
     add_verbose(p)
-
-
-def _open(bundle, args):
-    return open_backend(bundle, threads=args.threads, device=args.device, cuda_graph=args.cuda_graph)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,8 +370,9 @@ def cmd_evaluate(args) -> int:
         check_compatible(place_map.meta["bundle"], identity, args.map)
     rule = DecisionRule(None, args.consistency, args.consistency_window)
     ds = load_dataset(args.dataset, args.format)
-    res = evaluate(bundle, ds, rerank=args.rerank, batch_size=args.batch_size, backend=_open(bundle, args),
-                   progress=not args.quiet, place_map=place_map, rule=rule)
+    with _encoder(args, bundle) as enc:
+        res = evaluate(bundle, ds, rerank=args.rerank, encoder=enc, progress=not args.quiet, place_map=place_map,
+                       rule=rule)
     weights = " (RANDOM WEIGHTS: recall is meaningless)" if res["bundle"]["random_weights"] else ""
     print(f"{res['bundle']['model']} {res['bundle']['precision']} on {res['bundle']['backend']}{weights}")
     against = f"the map {args.map} ({res['database']} places)" if args.map else f"{res['database']} database images"
