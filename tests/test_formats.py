@@ -68,6 +68,20 @@ def test_hloc_file_holds_every_image_by_relative_name_equal_to_npy(images, tmp_p
     assert not list(h5.parent.glob(".*.tmp"))  # no temporary file left behind
 
 
+
+def test_hlocs_own_pairs_from_retrieval_reads_it(images, tmp_path):
+    """Where hloc is installed (it is not on PyPI: pip install from its repository), its own
+    retrieval pairs come from our file."""
+    pairs_from_retrieval = pytest.importorskip("hloc.pairs_from_retrieval")
+    bundle = make_bundle(tmp_path / "b")
+    h5 = tmp_path / "global-feats.h5"
+    proc = run("encode", "--bundle", bundle, "--images", images, "--output", h5, "--format", "hloc", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    pairs_from_retrieval.main(h5, tmp_path / "pairs.txt", num_matched=2, db_prefix="db/", query_prefix="queries/")
+    pairs = [line.split() for line in (tmp_path / "pairs.txt").read_text().splitlines()]
+    assert len(pairs) == 8 and {q for q, _ in pairs} == {f"queries/{i:07d}.jpg" for i in range(4)}
+    assert all(d.startswith("db/north/") for _, d in pairs)
+
 def test_list_files_and_globs_name_images_from_their_root(images, tmp_path):
     pytest.importorskip("h5py")
     bundle = make_bundle(tmp_path / "b")
