@@ -61,6 +61,12 @@ class Bundle:
         return self.manifest["outputs"]
 
     @property
+    def descriptor_dim(self) -> int:
+        """D of the (N, D) descriptors the runtime returns (split mode: after the numpy Sinkhorn)."""
+        m = self.manifest
+        return int(m.get("split", {}).get("descriptor_dim") or m["outputs"]["descriptor"]["shape"][-1])
+
+    @property
     def input_name(self) -> str:
         return next(iter(self.manifest["inputs"]))
 

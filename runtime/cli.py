@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .backends import open_backend
 from .bundle import load_bundle
 from .cli_util import ArgumentParser, add_verbose, configure_logs, run_cli
 from .datasets import load_dataset
-from .decisions import DecisionRule, load_acceptance, save_acceptance
+from .decisions import DecisionRule, save_acceptance
 from .encoder import Encoder
 from .errors import OptionError
 from .evaluate import KS, evaluate, format_recall
 from .files import save_descriptors
+from .formats import FORMATS, HlocWriter
 from .images import find_images
 from .maps import (
     bundle_identity,
@@ -54,18 +54,18 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     add_verbose(p)
 
 
-def _open(bundle, args):
-    return open_backend(bundle, threads=args.threads, device=args.device, cuda_graph=args.cuda_graph)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m runtime", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("encode", help="descriptors of every image of a folder")
     _common(e)
-    e.add_argument("--output", required=True, type=Path, help="X.npy (names in X.txt)")
-    e.add_argument("--save-local", action="store_true", help="also write SelaVPR local features (X.local.npy)")
+    e.add_argument("--output", required=True, type=Path,
+                   help="npy: X.npy (float32, N x D) with the names in X.txt; hloc: an HDF5 file, e.g. global-feats.h5")
+    e.add_argument("--format", default="npy", choices=FORMATS,
+                   help="npy (default), or hloc: one group per image name holding its 'global_descriptor', the "
+                        "layout hloc's pairs_from_retrieval reads (needs h5py: the hloc extra)")
+    e.add_argument("--save-local", action="store_true", help="also write SelaVPR local features (X.local.npy; npy only)")
 
     m = sub.add_parser("map", help="build, extend, check or describe a place map")
     msub = m.add_subparsers(dest="map_command", required=True)
@@ -176,17 +176,10 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def _encoder(args) -> Encoder:
-    bundle = load_bundle(args.bundle)
-    return Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
-
-
-def _encode_folder(args, keep=("descriptor",)):
-    images = find_images(args.images)
-    enc = _encoder(args)
-    result = enc.encode_files(images.files, progress=not args.quiet, keep=keep, names=images.names)
-    _report(result.failures, len(images))
-    return enc, result
+def _encoder(args, bundle=None) -> Encoder:
+    """The bundle (a folder, or already loaded) on the backend the options ask for."""
+    return Encoder.from_bundle(bundle or args.bundle, threads=args.threads, device=args.device,
+                               batch_size=args.batch_size, cuda_graph=args.cuda_graph)
 
 
 def _report(failures, total: int) -> None:
@@ -203,12 +196,35 @@ def _status(args, result) -> int:
 
 
 def cmd_encode(args) -> int:
+    if args.format == "hloc":
+        return _encode_hloc(args)
     keep = ("descriptor", "local_features") if args.save_local else ("descriptor",)
-    enc, result = _encode_folder(args, keep)
+    images = find_images(args.images)
+    with _encoder(args) as enc:
+        result = enc.encode_files(images.files, progress=not args.quiet, keep=keep, names=images.names)
+    _report(result.failures, len(images))
     if result.names:
         written = save_descriptors(args.output, result.names, result.outputs)
         print(f"wrote {len(result.names)} descriptors: {', '.join(map(str, written))}")
     return _status(args, result)
+
+
+def _encode_hloc(args) -> int:
+    """Streamed into a temporary HDF5 file beside the output, renamed over it when complete."""
+    if args.save_local:
+        raise OptionError("--save-local: local features are written with --format npy only")
+    images = find_images(args.images)
+    failures: list = []
+    with HlocWriter(args.output) as writer, _encoder(args) as enc:
+        for names, out in enc.stream(images.files, images.names, ("descriptor",), not args.quiet, failures):
+            writer.append(names, out["descriptor"])
+        _report(failures, len(images))
+        if not writer.count:
+            print("error: no image could be processed; nothing written", file=sys.stderr)
+            return 1
+        writer.commit()
+    print(f"wrote {writer.count} descriptors (hloc global-descriptor layout): {args.output}")
+    return 1 if (args.strict and failures) else 0
 
 
 def cmd_map(args) -> int:
@@ -239,9 +255,8 @@ def cmd_map(args) -> int:
         writer = open_build(args.output, identity, args.index, args.memory_budget, args.store_dtype)
     else:
         writer = open_add(args.map, identity)
-    with writer:
+    with writer, _encoder(args, bundle) as enc:
         writer.check_names(images.names)
-        enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
         keep = ("descriptor", "local_features") if "local_features" in bundle.outputs else ("descriptor",)
         failures: list = []
         for names, out in enc.stream(images.files, images.names, keep, not args.quiet, failures):
@@ -256,29 +271,6 @@ def cmd_map(args) -> int:
     return 1 if (args.strict and failures) else 0
 
 
-def _decision_rule(args, place_map, identity: dict) -> DecisionRule:
-    """The rule from the options, falling back to the one saved with the map, then to defaults."""
-    saved = load_acceptance(place_map)
-    base = DecisionRule()
-    if saved is not None:
-        where = f"the rule saved with {args.map}"
-        if any(saved["bundle"].get(k) != identity.get(k) for k in ("model", "dim", "preprocessing", "batch_mode")):
-            print(f"warning: {where} was measured with another model; ignored (run evaluate --save-threshold again)",
-                  file=sys.stderr)
-        else:
-            base = saved["rule"]
-            if saved["bundle"].get("onnx_sha256") != identity.get("onnx_sha256"):
-                print(f"warning: {where} was measured with another build of this model "
-                      f"({saved['bundle'].get('precision')}); check it with evaluate", file=sys.stderr)
-            if args.min_score is None and base.min_score is not None:
-                m = saved["measured"]
-                print(f"min score {base.min_score:.4f} from {where} (precision {m.get('precision', float('nan')):.4f}, "
-                      f"recall {m.get('recall', float('nan')):.4f} on {m.get('dataset', '?')})")
-    return DecisionRule(base.min_score if args.min_score is None else args.min_score,
-                        base.consistency if args.consistency is None else args.consistency,
-                        base.window if args.consistency_window is None else args.consistency_window)
-
-
 def _log_to_stderr() -> None:
     """The loop's warnings (best effort, a failed source) as plain lines on stderr."""
     import logging
@@ -289,28 +281,34 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # the root handler of configure_logs would print each line again
 
 
 def cmd_localize(args) -> int:
+    from .localizer import Localizer
+
+    with Localizer.open(args.bundle, args.map, threads=args.threads, device=args.device, batch_size=args.batch_size,
+                        cuda_graph=args.cuda_graph, min_score=args.min_score, consistency=args.consistency,
+                        consistency_window=args.consistency_window, budget_ms=args.budget_ms, top_k=args.top_k,
+                        rerank=args.rerank, search_threads=args.search_threads) as localizer:
+        for warning in localizer.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if localizer.rule_source:
+            print(localizer.rule_source)
+        return _run_loop(args, localizer)
+
+
+def _run_loop(args, localizer) -> int:
     import signal
 
     from .evaluate import StreamRecall
     from .files import atomic_write
-    from .loop import JsonlWriter, LocalizationLoop, LoopConfig, format_summary
+    from .loop import JsonlWriter, format_summary
     from .sources import open_source
 
-    bundle = load_bundle(args.bundle)
-    place_map = load_map(args.map)
-    identity = bundle_identity(bundle)
-    for warning in check_compatible(place_map.meta["bundle"], identity, args.map):
-        print(f"warning: {warning}", file=sys.stderr)
-    if bundle.batch_mode == "batched":
-        print("warning: this bundle's descriptors depend on their batch-mates (CricaVPR batched mode); "
-              "the loop's micro-batches change them. Prefer the -independent model for localization.", file=sys.stderr)
-    config = LoopConfig(budget_ms=args.budget_ms, top_k=args.top_k, rerank=args.rerank, rule=_decision_rule(args, place_map, identity),
-                        search_threads=args.search_threads)
-    recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k]) if args.ground_truth else None
-    enc = Encoder(bundle, _open(bundle, args), batch_size=args.batch_size)
+    recall = None
+    if args.ground_truth:
+        recall = StreamRecall(load_dataset(args.ground_truth), [k for k in KS if k <= args.top_k])
     source = open_source(args.source, fps=args.fps)
     _log_to_stderr()
     writer = JsonlWriter(args.output) if args.output else None
@@ -323,7 +321,7 @@ def cmd_localize(args) -> int:
         if recall:
             recall.add(r)
 
-    loop = LocalizationLoop(enc, place_map, config, on_result)
+    loop = localizer.loop(on_result)
     signals: List[int] = []
 
     def on_signal(signum, _frame) -> None:
@@ -373,8 +371,9 @@ def cmd_evaluate(args) -> int:
         check_compatible(place_map.meta["bundle"], identity, args.map)
     rule = DecisionRule(None, args.consistency, args.consistency_window)
     ds = load_dataset(args.dataset, args.format)
-    res = evaluate(bundle, ds, rerank=args.rerank, batch_size=args.batch_size, backend=_open(bundle, args),
-                   progress=not args.quiet, place_map=place_map, rule=rule)
+    with _encoder(args, bundle) as enc:
+        res = evaluate(bundle, ds, rerank=args.rerank, encoder=enc, progress=not args.quiet, place_map=place_map,
+                       rule=rule)
     weights = " (RANDOM WEIGHTS: recall is meaningless)" if res["bundle"]["random_weights"] else ""
     print(f"{res['bundle']['model']} {res['bundle']['precision']} on {res['bundle']['backend']}{weights}")
     against = f"the map {args.map} ({res['database']} places)" if args.map else f"{res['database']} database images"

@@ -1,7 +1,16 @@
-"""Batched encoding of image files with a bundle: decoding in a small thread pool, overlapped
-with inference on the previous batch; per-stage timings; files that cannot be decoded are
-reported (file and problem) and skipped, the rest go on. ``Encoder.stream`` yields batches as
-they are produced, so a map build holds a few batches at a time, never the whole set.
+"""``Encoder``: a bundle's model on its backend, from images to global descriptors. Part of the
+public API (``from runtime import Encoder``).
+
+* ``Encoder.from_bundle(path)`` verifies the bundle and opens its backend; ``with`` (or
+  ``close()``) releases the backend.
+* ``encode(images)``: in-memory images (numpy arrays, PIL images) or paths, one or a list ->
+  float32 (N, D); what each kind of input may be is in ``runtime/inputs.py``.
+* ``stream(files)`` / ``encode_files(files)``: many files, decoded in a small thread pool
+  overlapped with inference on the previous batch; a file that cannot be decoded is reported
+  (file and problem) and skipped, the rest go on. ``stream`` yields batches as they are produced,
+  so a map build holds a few batches at a time, never the whole set.
+
+Per-stage times accumulate in ``timer``.
 """
 from __future__ import annotations
 
@@ -11,13 +20,15 @@ from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 
 from .backends import Backend, open_backend
-from .bundle import Bundle
+from .bundle import Bundle, load_bundle
+from .errors import UserError
 from .images import default_names
+from .inputs import to_rgb
 from .preprocess import ImageDecodeError, Preprocessing, load_rgb, preprocess_image
 from .sinkhorn import salad_aggregate
 from .timing import StageTimer
@@ -70,8 +81,18 @@ class EncodeResult:
     failures: List[Tuple[str, str]] = field(default_factory=list)
 
 
+class EncoderClosedError(UserError, RuntimeError):
+    """The encoder was used after ``close()`` (or after its ``with`` block)."""
+
+
 class Encoder:
-    """Runs a bundle over images. ``infer`` takes a preprocessed batch; ``encode_files`` a list."""
+    """A bundle's model on its backend: images in, float32 (N, D) descriptors out.
+
+    ``Encoder.from_bundle(path)`` is the way in; the constructor takes a loaded ``Bundle`` and an
+    open backend (the encoder owns it from then on: ``close()`` releases it). ``batch_size``: images
+    per inference call (default the bundle's opt batch, at most its max). A bundle in CricaVPR's
+    ``batched`` mode makes a descriptor depend on its batch-mates: ``encode`` runs consecutive
+    images in batches of ``batch_size``, as the CLI does."""
 
     def __init__(self, bundle: Bundle, backend: Optional[Backend] = None, batch_size: Optional[int] = None,
                  threads: Optional[int] = None, decode_workers: int = 2, timer: Optional[StageTimer] = None) -> None:
@@ -82,6 +103,62 @@ class Encoder:
         self.split = bundle.manifest.get("split")
         self.decode_workers = decode_workers
         self.timer = timer or StageTimer()
+        self.closed = False
+
+    @classmethod
+    def from_bundle(cls, bundle: Union[str, Path, Bundle], threads: Optional[int] = None, device: str = "cpu",
+                    batch_size: Optional[int] = None, cuda_graph: bool = False) -> "Encoder":
+        """Verify a bundle folder (``engines/<name>``, or a ``Bundle`` already loaded) and open its
+        backend: ONNX Runtime (``threads`` CPU threads, default all cores; ``device`` "cuda" uses
+        its CUDA provider where present) or TensorRT (``cuda_graph``: capture each batch size).
+        Raises ``BundleError`` (a ``UserError``) naming the problem and the fix."""
+        loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        backend = open_backend(loaded, threads=threads, device=device, cuda_graph=cuda_graph)
+        return cls(loaded, backend, batch_size=batch_size)
+
+    @property
+    def dim(self) -> int:
+        """D, the length of one descriptor."""
+        return self.bundle.descriptor_dim
+
+    def close(self) -> None:
+        """Release the backend (an ONNX Runtime session, a TensorRT engine and its buffers). Safe
+        to call twice; the encoder cannot be used afterwards."""
+        if not self.closed:
+            self.closed = True
+            close = getattr(self.backend, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Encoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def encode(self, images: Union[Any, Sequence[Any]], bgr: bool = False) -> np.ndarray:
+        """Global descriptors of one image or a list of images, as float32 (N, D), C-contiguous,
+        row i for image i (one image: N = 1).
+
+        An image is a numpy array (H, W, 3) uint8 RGB, or BGR with ``bgr=True``; grey (H, W),
+        RGBA, uint16 and float [0, 1] arrays are converted (``runtime/inputs.py``), a PIL image,
+        or a path. A list or tuple is a list of images; a 4-D array (N, H, W, C) is N images.
+        Raises ``ImageInputError`` for an array it cannot read (naming its shape and dtype) and
+        ``ImageDecodeError`` for a file it cannot decode (naming the file): for many files,
+        where a bad one should be skipped and reported, use ``encode_files``."""
+        items = list(images) if isinstance(images, (list, tuple)) or _is_stack(images) else [images]
+        rows = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(items), self.batch_size):
+            batch = []
+            for item in items[start:start + self.batch_size]:
+                t0 = time.perf_counter()
+                rgb = to_rgb(item, bgr)
+                t1 = time.perf_counter()
+                batch.append(preprocess_image(rgb, self.pre))
+                self.timer.add("decode", (t1 - t0) * 1000)
+                self.timer.add("preprocess", (time.perf_counter() - t1) * 1000)
+            rows.append(self.infer(np.stack(batch))["descriptor"])
+        return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)
 
     @property
     def output_names(self) -> List[str]:
@@ -91,8 +168,11 @@ class Encoder:
         return names
 
     def infer(self, images: np.ndarray, times: Optional[Dict[str, float]] = None) -> Dict[str, np.ndarray]:
-        """A preprocessed batch (B, 3, H, W) -> {'descriptor', ...}. ``times`` receives the batch's
-        milliseconds per stage (inference, and aggregation in split mode)."""
+        """A preprocessed batch, float32 (B, 3, H, W) -> {'descriptor': float32 (B, D), ...}.
+        ``times`` receives the batch's milliseconds per stage (inference, and aggregation in
+        split mode)."""
+        if self.closed:
+            raise EncoderClosedError("this encoder was closed (its backend is released); open a new one")
         t0 = time.perf_counter()
         out = self.backend.run(images)
         ms = {"inference": (time.perf_counter() - t0) * 1000}
@@ -161,6 +241,11 @@ class Encoder:
             self.timer.add("preprocess", d.preprocess_ms)
         out = self.infer(np.stack([d.image for _, d in batch]))
         return [names[i] for i, _ in batch], {k: out[k] for k in keep}
+
+
+def _is_stack(images: Any) -> bool:
+    """A 4-D array is a stack of images (N, H, W, C); a 2-D or 3-D array is one image."""
+    return isinstance(images, np.ndarray) and images.ndim == 4
 
 
 def _progress(total: int, enabled: bool):

@@ -135,15 +135,26 @@ def plot_precision_recall(pr: Dict[str, List[float]], points: dict, path: Path, 
 
 
 def evaluate(bundle: Bundle, dataset: Dataset, rerank: int = 0, ks: Sequence[int] = KS,
-             batch_size: Optional[int] = None, backend=None, progress: bool = False,
+             batch_size: Optional[int] = None, encoder: Optional[Encoder] = None, progress: bool = False,
              place_map: Optional[PlaceMap] = None, rule: DecisionRule = DecisionRule()) -> dict:
+    """Recall@K, decisions and per-stage latency of ``bundle`` on ``dataset``: its queries
+    searched in its database, or in ``place_map`` when given. ``encoder``: the bundle's open
+    ``Encoder`` (its stage times are reported: give a fresh one); default one on ONNX Runtime's
+    or TensorRT's defaults with ``batch_size``, closed at the end."""
+    if encoder is not None:
+        return _evaluate(bundle, dataset, rerank, ks, encoder, progress, place_map, rule)
+    with Encoder(bundle, open_backend(bundle), batch_size=batch_size) as own:
+        return _evaluate(bundle, dataset, rerank, ks, own, progress, place_map, rule)
+
+
+def _evaluate(bundle: Bundle, dataset: Dataset, rerank: int, ks: Sequence[int], encoder: Encoder, progress: bool,
+              place_map: Optional[PlaceMap], rule: DecisionRule) -> dict:
     local = rerank > 0
     if local and "local_features" not in bundle.outputs:
         raise OptionError(f"--rerank needs local features; {bundle.manifest['model']['name']} has none")
     if local and place_map is not None and place_map.local is None:
         raise OptionError(f"--rerank needs a map with local features; {place_map.folder} has none")
-    timer = StageTimer()
-    encoder = Encoder(bundle, backend or open_backend(bundle), batch_size=batch_size, timer=timer)
+    timer = encoder.timer
     keep = ("descriptor", "local_features") if local else ("descriptor",)
     q = encoder.encode_files(dataset.queries, progress=progress, keep=keep)
     failures = list(q.failures)

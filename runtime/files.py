@@ -32,6 +32,23 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 def atomic_write(path: PathLike, write: Callable) -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        publish(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def temp_beside(path: PathLike) -> Path:
+    """A new empty temporary file in ``path``'s folder (created if needed), for ``publish``; a
+    path that cannot be written raises ``PathError`` saying why."""
+    path = Path(path)
+    if path.is_dir():
+        raise PathError(f"{path}: is a folder; give a file path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -39,18 +56,18 @@ def atomic_write(path: PathLike, write: Callable) -> None:
         raise PathError(f"{path}: cannot create its folder {path.parent}: a file is in the way") from None
     except PermissionError:
         raise PathError(f"{path}: no permission to write in {path.parent}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def publish(tmp: PathLike, path: PathLike) -> None:
+    """Put the complete file ``tmp`` (from ``temp_beside``) at ``path`` in one rename, its data
+    and the rename on disk first: ``path`` is the old file or the new one, never half of one."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    _fsync_dir(Path(path).parent)
 
 
 def _fsync_dir(folder: Path) -> None:

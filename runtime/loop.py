@@ -219,6 +219,15 @@ def faiss_threads(n: Optional[int]) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def search_threads(place_map: PlaceMap, requested: Optional[int] = None) -> Optional[int]:
+    """FAISS threads for a map's search (None: FAISS's default): ``requested`` if given (0: the
+    default), else one thread unless a flat search scans more than ``SMALL_SEARCH`` floats."""
+    if requested is not None:
+        return requested or None
+    big_flat = place_map.kind in ("flat", "sqfp16") and len(place_map) * place_map.descriptors.shape[1] > SMALL_SEARCH
+    return None if big_flat else 1
+
+
 def _record(frame: Frame, status: str, **extra) -> dict:
     return {"status": status, "frame": frame.index, "name": frame.name, "timestamp": frame.timestamp, **extra}
 
@@ -263,7 +272,7 @@ class LocalizationLoop:
         buffer = FrameBuffer(self.cfg.queue_size, self.live, lambda f: self._drop(f, "queue"))
         reader = threading.Thread(target=self._read, args=(source, buffer), name="frame-reader", daemon=True)
         self._started = self._last_processed = time.perf_counter()
-        with faiss_threads(self._search_threads()):
+        with faiss_threads(search_threads(self.map, self.cfg.search_threads)):
             reader.start()
             try:
                 while self._stop is None:
@@ -281,12 +290,6 @@ class LocalizationLoop:
                     self._finished = True
                 self.wall_s = time.perf_counter() - self._started
         return self.stats
-
-    def _search_threads(self) -> Optional[int]:
-        if self.cfg.search_threads is not None:
-            return self.cfg.search_threads or None
-        big_flat = self.map.kind in ("flat", "sqfp16") and len(self.map) * self.map.descriptors.shape[1] > SMALL_SEARCH
-        return None if big_flat else 1
 
     # -- reader thread --------------------------------------------------------------------------
     def _read(self, source: Iterable[Frame], buffer: FrameBuffer) -> None:

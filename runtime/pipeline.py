@@ -37,7 +37,15 @@ class Candidate:
 
 @dataclass
 class Match:
-    """One frame's result: its best place, whether to trust it, the top K and its stage times."""
+    """One frame's result: its best place, whether to trust it, the top K and its stage times.
+
+    ``place`` (the map's name of the place), ``index`` (its row in the map) and ``score`` (inner
+    product of L2-normalised descriptors, a float in [-1, 1]) are None only when the map returned
+    nothing; ``pose`` is the map's pose of the place (a list of floats) when the map has poses;
+    ``accepted`` / ``reason`` / ``consistent`` are the decision (``runtime/decisions.py``);
+    ``top_k`` the best K places, best first; ``times_ms`` milliseconds per stage (module
+    docstring), None for a stage that did not run; ``timestamp`` the capture time (wall clock, s).
+    """
 
     frame: int
     name: str

@@ -56,7 +56,7 @@ class ImageDecodeError(UserError, ValueError):
     """An image file that cannot be used; the message says why (callers name the file)."""
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def pil_to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. 16-bit and float greyscale are scaled to 8 bits (Pillow's own
     conversion would clip them); alpha is dropped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -80,7 +80,7 @@ def load_rgb(path: Union[str, Path]) -> Image.Image:
             with Image.open(path) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return pil_to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"refused, larger than the decompression-bomb limit "
                                f"({Image.MAX_IMAGE_PIXELS} pixels): {exc}") from None

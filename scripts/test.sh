@@ -20,7 +20,10 @@ if [ -z "$py310" ]; then
 fi
 if [ ! -x .venv-runtime310/bin/python ]; then
   "$py310" -m venv .venv-runtime310
-  .venv-runtime310/bin/pip install -q -e . pytest hypothesis
+  .venv-runtime310/bin/pip install -q -e ".[hloc]" pytest hypothesis
+fi
+if ! .venv-runtime310/bin/python -c "import h5py" 2>/dev/null; then  # a venv made before the hloc extra
+  .venv-runtime310/bin/pip install -q -e ".[hloc]"
 fi
 if .venv-runtime310/bin/python -c "import torch" 2>/dev/null; then
   echo "error: .venv-runtime310 has torch installed; the runtime must work without it" >&2
@@ -29,4 +32,5 @@ fi
 .venv-runtime310/bin/python -m pytest -q tests/test_runtime_no_torch.py tests/test_preprocess.py tests/test_rerank.py \
     tests/test_bundle.py tests/test_maps.py tests/test_datasets.py tests/test_loop.py tests/test_sinkhorn.py \
     tests/test_reliability.py tests/test_properties.py tests/test_map_build.py tests/test_timing.py \
-    tests/test_decisions.py tests/test_loop_cli.py tests/test_output_dirs.py
+    tests/test_decisions.py tests/test_loop_cli.py tests/test_output_dirs.py tests/test_api.py tests/test_formats.py \
+    tests/test_rtabmap_plugin.py

@@ -1,5 +1,6 @@
 """python -m runtime end to end on the sample data with small registry models (ONNX Runtime)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -133,3 +134,30 @@ def test_cli_errors_are_clear(gem, tmp_path):
     empty.mkdir()
     proc = run("encode", "--bundle", gem, "--images", empty, "--output", tmp_path / "x.npy")
     assert proc.returncode == 2 and "no images found" in proc.stderr
+
+
+RTABMAP_CALLS = """
+import sys
+import numpy as np
+from PIL import Image
+sys.path.append(sys.argv[1])
+import vpr_edge_rtabmap as plugin
+plugin.init(int(sys.argv[2]))
+bgr = np.ascontiguousarray(np.asarray(Image.open(sys.argv[3]).convert("RGB"))[:, :, ::-1])
+frame = np.frombuffer(bytearray(bgr.tobytes()), dtype=np.int8).reshape(bgr.shape)  # RTAB-Map's NPY_BYTE wrap
+np.save(sys.argv[4], plugin.extract(frame))
+"""
+
+
+def test_rtabmap_plugin_on_a_real_model_equals_runtime_encode(gem, tmp_path):
+    proc = run("encode", "--bundle", gem, "--images", CORRIDOR / "queries", "--output", tmp_path / "q.npy", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    names = (tmp_path / "q.txt").read_text().split()
+    frame = CORRIDOR / "queries" / names[7]
+    proc = subprocess.run([sys.executable, "-c", RTABMAP_CALLS, str(ROOT / "integrations" / "rtabmap"), "384", str(frame),
+                           str(tmp_path / "plugin.npy")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "VPR_EDGE_BUNDLE": str(gem)})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    got = np.load(tmp_path / "plugin.npy")
+    assert got.shape == (1, 384) and got.dtype == np.float32
+    assert np.abs(got[0] - np.load(tmp_path / "q.npy")[7]).max() <= 1e-6

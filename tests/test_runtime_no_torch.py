@@ -1,5 +1,5 @@
-"""runtime/ must import with torch and timm unavailable (a robot ships it without them), and
-without Ray (an optional extra for map building on a cluster)."""
+"""runtime/ and the integrations on it must import with torch and timm unavailable (a robot ships
+them without), and without Ray (an optional extra for map building on a cluster)."""
 import pkgutil
 import subprocess
 import sys
@@ -36,6 +36,14 @@ def test_every_runtime_module_imports_without_torch():
     proc = subprocess.run([sys.executable, "-c", BLOCKER, *mods], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"ok {len(mods)}"
+
+
+def test_the_public_api_and_the_rtabmap_plugin_import_without_torch():
+    code = BLOCKER.replace("import importlib\n", f"import importlib\nsys.path.append({str(ROOT / 'integrations' / 'rtabmap')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code, "runtime.localizer", "vpr_edge_rtabmap"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok 2"
 
 
 def test_blocker_really_blocks_torch():

@@ -45,6 +45,9 @@ class OnnxRuntimeBackend(Backend):
         self.max_batch = int(bundle.batch["max"])
         self.providers = self.session.get_providers()
 
+    def close(self) -> None:
+        self.session = None  # the session and its memory go with this last reference
+
     def run(self, images: np.ndarray) -> Dict[str, np.ndarray]:
         outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(images, dtype=np.float32)})
         return {n: np.asarray(o, dtype=np.float32) for n, o in zip(self.output_names, outs)}

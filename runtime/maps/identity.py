@@ -38,8 +38,7 @@ def weights_identity(manifest: dict) -> str:
 
 def bundle_identity(bundle) -> dict:
     m = bundle.manifest
-    desc = m.get("split", {}).get("descriptor_dim") or m["outputs"]["descriptor"]["shape"][-1]
-    return {"model": m["model"]["name"], "dim": int(desc), "preprocessing": m["preprocessing"],
+    return {"model": m["model"]["name"], "dim": bundle.descriptor_dim, "preprocessing": m["preprocessing"],
             "batch_mode": m["model"].get("batch_mode", "independent"), "weights": weights_identity(m),
             "precision": m["precision"], "onnx_sha256": m["files"]["onnx"]["sha256"]}
 
