@@ -31,15 +31,10 @@ from runtime.bundle import describe, file_entry, load_bundle, write_manifest  # 
 from runtime import units  # noqa: E402
 from runtime.files import replace_dir  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
+from export.registry import parse_image_size  # noqa: E402 (torch-free)
 
 FORMAT_VERSION = 1
 BUILD_ERRORS = (ValueError, RuntimeError, FileNotFoundError)  # Checkpoint/TRT errors subclass these
-LAYOUTS = {
-    "salad": "L2([L2(token) (256), L2 per cluster of 128 channels x 64 clusters, channel-major: 256 + l*64 + k])",
-    "gem": "L2(GeM(p=3) over patch tokens)",
-    "selavpr": "descriptor: L2(GeM(p) of channel-L2 patch tokens); local_features: (H', W', 128) per-location L2",
-    "cricavpr": "L2(14 regions x C: [cls, 2x2 row-major, 3x3 row-major] after the cross-image encoder)",
-}
 
 
 def parse_size(text: str) -> int:
@@ -134,7 +129,7 @@ def export_bundle(args, staging: Path, backend: str) -> dict:
              f"min cosine {checks['parity_vs_pytorch']['min_cosine']:.6f}")
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model": {**cfg.to_dict(), "layout": LAYOUTS[cfg.method]},
+        "model": cfg.to_dict(),
         "preprocessing": cfg.preprocessing.to_dict(),
         "precision": args.precision,
         "backend": backend,
@@ -268,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--checkpoint", metavar="PATH|URL", help="official checkpoint (or https:// URL, cached)")
     w.add_argument("--random-weights", action="store_true",
                    help="seeded random weights, labelled as such in the manifest: for tests and benchmarks")
-    p.add_argument("--image-size", type=int, help="square input size, multiple of 14 (default: the model's official one)")
+    p.add_argument("--image-size", type=parse_image_size, metavar="N|HxW",
+                   help="input size, square N or HxW, e.g. 240x320 (default: the model's official one)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",
                    help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands); "
                         "int8 (Q/DQ graph calibrated on --calibration-images)")

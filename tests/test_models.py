@@ -34,7 +34,7 @@ def test_registry_lists_the_documented_models():
     assert get_config("selavpr-dinov2-vitl14").preprocessing.resize == "tensor_bilinear"
     with pytest.raises(ValueError, match="known models"):
         get_config("netvlad")
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ValueError, match="multiples of the patch size 14"):
         get_config("salad-dinov2-vitb14", image_size=320)
     with pytest.raises(ValueError, match="224x224 only"):
         get_config("cricavpr-dinov2-vitb14", image_size=322)
