@@ -72,7 +72,7 @@ def test_encode_refuses_a_size_the_model_cannot_take_in_one_line(tmp_path):
     assert proc.stderr.strip() == (
         "error: megaloc-dinov2-vitb14 cannot take 64x32 (rounded to 70x28: 10 patches): it takes any H and W, "
         "each rounded to the nearest multiple of 14 as the official model does (240x320 -> 238x322), with more "
-        "than 64 patches, one per cluster at least (e.g. 126x126: 81 patches)")
+        "patches than its 64 clusters (e.g. 126x126: 81 patches)")
     proc = _run("--model", "boq-dinov2-vitb14", "--random-weights", "--image-size", "x",
                 "--images", str(tmp_path), "--output", str(tmp_path / "x.npy"))
     assert proc.returncode == 2 and "expected N (square) or HxW" in proc.stderr

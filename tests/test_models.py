@@ -130,7 +130,7 @@ def test_megaloc_rounds_sizes_as_the_official_model_with_pythons_round():
 
 @pytest.mark.parametrize("name,size,says", [
     ("megaloc-dinov2-vitb14", (32, 64), "rounded to 28x70: 10 patches"),
-    ("megaloc-dinov2-vitb14", (112, 112), "more than 64 patches"),
+    ("megaloc-dinov2-vitb14", (112, 112), "more patches than its 64 clusters"),
     ("salad-dinov2-vitb14", (112, 112), "more than 64 patches"),
     ("boq-dinov2-vitb14", (240, 320), "multiples of the patch size 14"),
     ("selavpr-dinov2-vitl14", (224, 308), "224x224 only"),
@@ -191,3 +191,67 @@ def test_registry_checks_every_registration():
     with pytest.raises(ValueError, match="cannot take"):  # the official size itself is checked
         register_model(lambda: ModelConfig(name="x-new", method="salad", arch="vitb14", image_size=(320, 320)))
     assert "x-new" not in list_models()
+
+
+@pytest.fixture()
+def clean_registry():
+    """Registrations made by a test are removed afterwards."""
+    from export import registry
+    saved = {k: dict(getattr(registry, k)) for k in ("_METHODS", "_MODELS", "_FORMATS")}
+    yield registry
+    for k, v in saved.items():
+        getattr(registry, k).clear()
+        getattr(registry, k).update(v)
+
+
+def test_a_new_head_is_one_module(clean_registry, tmp_path):
+    """Everything a method needs is declared by its Method subclass and one register_model
+    function: the zoo builds it, checkpoints load by its format, the export and FP16 use its
+    islands, and nothing else is edited."""
+    from export.checkpoints import route_keys
+    from export.models.dinov2 import DinoV2Backbone
+    from export.models.vpr_model import VPRModel
+    from export.onnx_export import export_onnx
+    from export.precision import fp32_island_nodes
+    from export.registry import CheckpointFormat, Method, ModelConfig, register_method, register_model
+
+    class MeanHead(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.pool = torch.nn.Linear(dim, 32)
+
+        def forward(self, cls, patches):
+            return {"descriptor": torch.nn.functional.normalize(self.pool(patches).mean(1), dim=-1)}
+
+    @register_method
+    class Mean(Method):
+        name = "toymean"
+        layout = "L2(mean of projected patch tokens)"
+        fp32_scopes = ("pool",)
+        formats = (CheckpointFormat("toymean", "test", lambda keys: "toy.pool.weight" in keys,
+                                    lambda sd, cfg: route_keys(sd, cfg, backbone="toy.vit.", head=[("toy.pool.", "pool.")])),)
+
+        def build(self, cfg):
+            backbone = DinoV2Backbone(cfg.arch, cfg.image_size, depth=cfg.depth)
+            return VPRModel(backbone, MeanHead(backbone.dim))
+
+        def outputs(self, cfg):
+            return {"descriptor": [32]}
+
+    @register_model
+    def toymean_dinov2_vits14():
+        """a toy head"""
+        return ModelConfig(name="toymean-dinov2-vits14", method="toymean", arch="vits14", image_size=(112, 140))
+
+    assert "toymean-dinov2-vits14" in list_models()
+    model, cfg, _ = create_model("toymean-dinov2-vits14", random_weights=True, depth=1, image_size=112)
+    assert cfg.description == "a toy head"
+    sd = {"toy.vit." + k[len("backbone.vit."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.vit.")}
+    sd.update({"toy.pool.weight": model.head.pool.weight, "toy.pool.bias": model.head.pool.bias})
+    torch.save(sd, tmp_path / "toy.pth")
+    loaded, cfg, info = create_model("toymean-dinov2-vits14", checkpoint=str(tmp_path / "toy.pth"), depth=1)
+    assert info["format"] == "toymean" and cfg.preprocessing.size == (112, 140)
+    path = export_onnx(loaded, cfg.image_size, ["descriptor"], tmp_path / "toy.onnx")
+    import onnx
+    islands = fp32_island_nodes(onnx.load(str(path)))
+    assert any("/pool/" in n for n in islands)

@@ -83,7 +83,7 @@ class MegaLocMethod(Method):
 
     def sizes_text(self) -> str:
         return (f"it takes any H and W, each rounded to the nearest multiple of {PATCH} as the official model does "
-                f"(240x320 -> 238x322), with more than {NUM_CLUSTERS} patches, one per cluster at least "
+                f"(240x320 -> 238x322), with more patches than its {NUM_CLUSTERS} clusters "
                 "(e.g. 126x126: 81 patches)")
 
     def build(self, cfg: ModelConfig) -> VPRModel:
