@@ -32,6 +32,8 @@ from ..registry import CheckpointFormat, Method, ModelConfig, register_method, r
 from .dinov2 import DinoV2Backbone
 from .vpr_model import VPRModel
 
+RELEASE = "https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/dinov2_12288.pth"
+
 
 class Attention(nn.Module):
     """Batch-first multi-head attention from MatMul and Softmax, with ``nn.MultiheadAttention``'s
@@ -157,4 +159,4 @@ def boq_dinov2_vitb14() -> ModelConfig:
     """BoQ: DINOv2 ViT-B/14 (no final LayerNorm) + Bag-of-Queries aggregator (12288-D), at 322x322
     as the official README transform"""
     return ModelConfig(name="boq-dinov2-vitb14", method="boq", arch="vitb14", image_size=(322, 322),
-                       checkpoint_url="https://github.com/amaralibey/Bag-of-Queries/releases/download/v1.0/dinov2_12288.pth")
+                       checkpoint_url=RELEASE)

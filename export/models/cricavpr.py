@@ -181,7 +181,8 @@ class CricaVPRMethod(Method):
     fixed_sizes = ((224, 224),)
     fixed_size_reason = "its official head hard-codes a 16x16 patch grid"
     formats = (CheckpointFormat(
-        "cricavpr", "`CricaVPR.pth`: `{'model_state_dict'}`, `module.` prefix, `backbone.*` with `adapter`, `encoder.*`",
+        "cricavpr", "`CricaVPR.pth`: `{'model_state_dict'}`, `module.` prefix, `backbone.*` with `adapter`, "
+                    "`encoder.*`",
         lambda keys: any(".adapter.D_fc1." in k for k in keys) and any(k.startswith("encoder.layers.") for k in keys),
         lambda sd, cfg: route_keys(sd, cfg, backbone="backbone.",
                                    head=[("aggregation.1.p", "gem.p"), ("encoder.", "encoder.")])),)

@@ -95,7 +95,8 @@ class SelaVPRMethod(Method):
     fixed_sizes = ((224, 224),)
     fixed_size_reason = "its official head hard-codes a 16x16 patch grid"
     formats = (CheckpointFormat(
-        "selavpr", "SelaVPR `*.pth`: `{'model_state_dict'}`, `module.` prefix, `backbone.*` with `adapter1`, `LocalAdapt.*`",
+        "selavpr", "SelaVPR `*.pth`: `{'model_state_dict'}`, `module.` prefix, `backbone.*` with `adapter1`, "
+                   "`LocalAdapt.*`",
         lambda keys: any(".adapter1.D_fc1." in k for k in keys) and any(k.startswith("LocalAdapt.") for k in keys),
         lambda sd, cfg: route_keys(sd, cfg, backbone="backbone.",
                                    head=[("aggregation.1.p", "gem.p"), ("LocalAdapt.", "local.")])),)
