@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, run_python, save, table
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -54,7 +55,7 @@ print(json.dumps({{"median_s": float(np.median(times))}}))
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iterations", type=int, default=8)
@@ -127,4 +128,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -14,7 +14,8 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, run_python, save, table
-from export.registry import parse_image_size
+from export.registry import parse_image_size  # noqa: E402
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 
 IMAGES = ROOT / "data" / "vprbench_corridor" / "queries"
 
@@ -93,7 +94,7 @@ def build(model: str, weights: list, precision: str, out: Path, extra: list) -> 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="salad-dinov2-vitb14")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--image-size", type=parse_image_size, default=None, metavar="N|HxW")
@@ -157,4 +158,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from common import save, table
+from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.backends import open_backend  # noqa: E402
@@ -110,7 +111,7 @@ def images_per_s(bundle_path: Path, threads: int, iterations: int = 8) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, action="append", required=True)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -137,4 +138,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -17,7 +17,9 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from runtime.datasets import DatasetError
 from runtime.encoder import decode
+from runtime.errors import PathError
 from runtime.files import atomic_write
 from runtime.preprocess import Preprocessing, list_images
 
@@ -30,7 +32,7 @@ def sample_files(folders: Sequence[Union[str, Path]], count: int = DEFAULT_COUNT
     per_folder = [list_images(f) for f in folders]
     files = [p for group in per_folder for p in group]
     if not files:
-        raise FileNotFoundError(f"no images in {', '.join(map(str, folders))}")
+        raise PathError(f"no images in {', '.join(map(str, folders))}; calibration needs real place images")
     if count >= len(files):
         if count > len(files):
             print(f"warning: {count} calibration images asked for, only {len(files)} available; using all",
@@ -69,7 +71,8 @@ def calibration_set(folders: Sequence[Union[str, Path]], pre: Preprocessing, cou
             continue
         arrays.append(d.image)
     if not arrays:
-        raise ValueError("no calibration image could be decoded")
+        raise DatasetError(f"none of the {len(files)} calibration images sampled from "
+                           f"{', '.join(map(str, folders))} could be read (listed above)")
     if len(arrays) < len(files):
         print(f"{len(files) - len(arrays)} of {len(files)} calibration images could not be read; "
               f"calibrating on {len(arrays)}", file=sys.stderr)

@@ -15,8 +15,9 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.bundle import Bundle
 from runtime.compare import row_cosine
-from runtime.datasets import Dataset
+from runtime.datasets import Dataset, DatasetError
 from runtime.encoder import Encoder
+from runtime.errors import OptionError
 from runtime.evaluate import recall_at_k, retrieve
 from runtime.files import atomic_write
 from runtime.timing import StageTimer
@@ -31,18 +32,19 @@ def _encode(bundle: Bundle, dataset: Dataset, threads) -> dict:
     db = enc.encode_files(dataset.database)
     q = enc.encode_files(dataset.queries)
     if db.failures or q.failures:
-        raise ValueError(f"{len(db.failures) + len(q.failures)} images could not be read; the report needs them all")
+        raise DatasetError(f"{dataset.root}: {len(db.failures) + len(q.failures)} images could not be read (listed "
+                           "above); the report compares every image, so it needs them all")
     return {"db": db.outputs["descriptor"], "q": q.outputs["descriptor"], "latency": timer.summary().get("inference")}
 
 
 def precision_report(bundles: Sequence[Bundle], dataset: Dataset, threads=None) -> dict:
     refs = [b for b in bundles if b.precision == "fp32"]
     if not refs:
-        raise ValueError("the report compares with FP32: give the FP32 bundle of the model too")
+        raise OptionError("the report compares with FP32: give the FP32 bundle of the model too (--bundle DIR)")
     ref = refs[0]
     names = {b.manifest["model"]["name"] for b in bundles}
     if len(names) != 1:
-        raise ValueError(f"bundles of different models: {sorted(names)}")
+        raise OptionError(f"bundles of different models: {sorted(names)}; compare the bundles of one model")
     encoded = {str(b.path): _encode(b, dataset, threads) for b in bundles}
     r = encoded[str(ref.path)]
     ref_top1 = retrieve(r["q"], r["db"], 1)[:, 0]

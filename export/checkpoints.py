@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -44,8 +45,15 @@ def fetch_checkpoint(url: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     target, digest_file = cache_dir / name, cache_dir / (name + ".sha256")
     if target.exists() and digest_file.exists() and digest_file.read_text().split()[0] == sha256_file(target):
         return target
-    with urllib.request.urlopen(url) as resp:  # noqa: S310 (https or file URLs only)
-        atomic_write(target, lambda f: shutil.copyfileobj(resp, f))
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (https or file URLs only)
+            atomic_write(target, lambda f: shutil.copyfileobj(resp, f))
+    except UserError:
+        raise
+    except (urllib.error.URLError, OSError) as exc:  # HTTPError, refused, DNS, timeout, reset
+        reason = getattr(exc, "reason", None) or exc
+        raise CheckpointError(f"{url}: download failed ({reason}); check the URL and the network, or download "
+                              "the file yourself and pass its path to --checkpoint") from None
     digest = sha256_file(target)
     digest_file.write_text(f"{digest}  {url}\n")
     return target

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from runtime.errors import UserError
+from runtime.errors import OptionError, UserError
 from runtime.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 PATCH = 14
@@ -49,7 +49,7 @@ class UnknownModelError(UserError, ValueError):
     pass
 
 
-class UnsupportedImageSizeError(UserError, ValueError):
+class UnsupportedImageSizeError(OptionError):
     """An image size a model cannot take; the message says which sizes it can."""
 
 

@@ -1,6 +1,7 @@
 """Build registry models as PyTorch modules, from an official checkpoint or random weights."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -38,5 +39,15 @@ def create_model(model: Union[str, ModelConfig], checkpoint: Optional[str] = Non
             for name, p in net.named_parameters():
                 if name.endswith((".ls1.gamma", ".ls2.gamma")):
                     p.fill_(0.1)
-        info = {"random_weights": True, "seed": seed, "layer_scale": 0.1}
+        info = {"random_weights": True, "seed": seed, "layer_scale": 0.1, "tensors_sha256": tensors_sha256(net)}
     return net.eval(), cfg, info
+
+
+def tensors_sha256(net: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, float32 values, in order): identifies random
+    weights the way a checkpoint's sha256 identifies trained ones (a map records it)."""
+    h = hashlib.sha256()
+    for name, t in net.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:".encode())
+        h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Set, Union
 
 from .errors import UserError
 from .files import atomic_write, sha256_file
 from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
+CALIBRATION_CACHE = "calibration.cache"  # TensorRT 8.x implicit INT8 calibration
+REPORT = "precision_report.json"  # written into a bundle after its build (python -m calibration report)
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "tensorrt")
+ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")  # engine.plan, run by runtime/backends/tensorrt_backend.py
+BACKENDS = ("onnxruntime",) + ENGINE_BACKENDS
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED = ("format_version", "model", "preprocessing", "precision", "backend", "inputs", "outputs",
             "batch", "files", "weights", "build")
@@ -73,7 +76,8 @@ def read_manifest(folder: Union[str, Path]) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
-        raise BundleError(f"{folder}: no such bundle directory")
+        what = "a file, not a bundle folder" if folder.exists() else "no such bundle directory"
+        raise BundleError(f"{folder}: {what} (build one with python export/build_engine.py)")
     if not path.is_file():
         raise BundleError(f"{path}: missing; {folder} is not a bundle (build one with python export/build_engine.py)")
     try:
@@ -135,17 +139,31 @@ def verify_files(folder: Path, manifest: dict) -> None:
             raise BundleError(f"{f}: sha256 differs from the manifest (corrupted or replaced); rebuild the bundle")
 
 
-def load_bundle(folder: Union[str, Path], verify: bool = True) -> Bundle:
-    """Read and verify a bundle; for TensorRT also check the installed TensorRT and GPU."""
+def load_bundle(folder: Union[str, Path], verify: bool = True, check_engine: bool = True) -> Bundle:
+    """Read and verify a bundle; for engines also check the installed TensorRT and GPU
+    (``check_engine=False``: a build host describing an engine it cannot run)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     bundle = Bundle(folder, manifest)
     if verify:
         verify_files(folder, manifest)
-    if manifest["backend"] == "tensorrt":
+    if check_engine and manifest["backend"] in ENGINE_BACKENDS:
         from .trt_env import check_engine_compatible
-        check_engine_compatible(manifest.get("tensorrt", {}), bundle.rebuild_hint, folder)
+        check_engine_compatible(manifest.get("tensorrt", {}), bundle.rebuild_hint, folder, manifest["backend"])
     return bundle
+
+
+def bundle_file_names(folder: Path) -> Optional[Set[str]]:
+    """The names a previous bundle in ``folder`` consists of (manifest, listed files, precision
+    report), or None when ``folder`` holds no readable bundle manifest: what a build may replace."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        names = {e["name"] for e in manifest["files"].values()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not all(isinstance(n, str) for n in names):
+        return None
+    return names | {MANIFEST, REPORT}
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

@@ -1,14 +1,22 @@
-"""File helpers shared by every writer: hashes, and atomic writes that never leave half a file."""
+"""File helpers shared by every writer: hashes, atomic writes that never leave half a file, and
+output folders that are replaced whole (``check_output_dir``, ``staging_dir``, ``replace_dir``)."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import hashlib
 import os
+import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, List, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Set, Union
 
 import numpy as np
+
+from .errors import PathError
 
 PathLike = Union[str, Path]
 
@@ -24,8 +32,13 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 def atomic_write(path: PathLike, write: Callable) -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (FileExistsError, NotADirectoryError):
+        raise PathError(f"{path}: cannot create its folder {path.parent}: a file is in the way") from None
+    except PermissionError:
+        raise PathError(f"{path}: no permission to write in {path.parent}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -53,26 +66,121 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def replace_dir(staging: Path, target: Path) -> None:
-    """Move a fully written ``staging`` folder to ``target``, replacing an older one.
+def check_output_dir(path: PathLike, kind: str, own_files: Callable[[Path], Optional[Set[str]]]) -> Path:
+    """Refuse an output folder that a build must not replace; return the path to write to.
 
-    The old folder is renamed aside first and removed only after the new one is in place, so a
-    crash leaves either the old or the new folder under ``target`` (plus, at worst, a leftover
-    ``.old`` folder), never a mix.
+    ``own_files(folder)`` tells whether ``folder`` is a previous output of this ``kind`` (the
+    names it consists of) or not (None). An existing path that is not such an output, or that
+    also holds anything else, is refused: replacing it would delete what it holds. A symbolic
+    link is followed, so the link stays and its target folder is replaced."""
+    path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise PathError(f"{path}: exists and is a file, not a {kind} folder; choose another output path")
+    own = own_files(path)
+    if own is None:
+        raise PathError(f"{path}: exists and is not a {kind}; it was left untouched. Choose another output path "
+                        f"(or remove it yourself)")
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in own)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise PathError(f"{path}: a previous {kind}, but it also holds {shown}; replacing it would delete "
+                        f"them. Move them out or choose another output path")
+    return path
+
+
+@contextlib.contextmanager
+def staging_dir(target: PathLike) -> Iterator[Path]:
+    """A fresh folder beside ``target`` (same file system) to write a new output into.
+
+    Publish it with ``replace_dir(staging, target)`` inside the ``with`` block. On leaving the
+    block the staging path is removed, whatever it then holds: a failed half output, or the
+    previous output that ``replace_dir`` swapped out. Leftovers of killed processes are removed
+    the next time."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise PathError(f"{target}: cannot create its folder {target.parent}: a file is in the way") from None
+    _remove_dead_stagings(target)
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()  # the umask's mode, as the published folder should have
+    try:
+        yield staging
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_stagings(target: Path) -> None:
+    for old in target.parent.glob(f".{target.name}.partial-*"):
+        pid = old.name[len(f".{target.name}.partial-"):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: PathLike, b: PathLike) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``, glibc >= 2.28,
+    on ext4, xfs, btrfs, tmpfs and others). False where the system or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_dir(staging: PathLike, target: PathLike) -> None:
+    """Put the fully written folder ``staging`` at ``target``.
+
+    A new ``target`` is a plain rename. An existing one is swapped with ``staging`` in one atomic
+    step (``exchange_paths``): ``target`` always names a complete folder, the old one until the
+    swap and the new one after it, never a mix and never nothing; the old folder ends up at
+    ``staging``, which ``staging_dir`` removes. Only where the exchange is unsupported (not Linux,
+    or a file system without it) is the old folder renamed to ``staging`` first, leaving
+    ``target`` absent between two renames. Files are fsynced first, so a crash cannot publish a
+    folder whose data is still in flight.
     """
     staging, target = Path(staging), Path(target)
     for f in staging.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
+    _fsync_dir(staging)
+    if not target.exists():
+        os.rename(staging, target)
+    elif not exchange_paths(staging, target):
+        aside = staging.with_name(staging.name + ".old")
+        os.rename(target, aside)
+        os.rename(staging, target)
+        os.rename(aside, staging)
     _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_descriptors(output: Path, names: Iterable[str], outputs: dict) -> List[Path]:

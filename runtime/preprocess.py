@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import PathError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -245,7 +245,8 @@ def list_images(folder: Union[str, Path]) -> list:
     """Image files of a folder, sorted by name (the order every tool here uses)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a directory")
+        what = "a file, not a folder of images" if folder.exists() else "no such folder"
+        raise PathError(f"{folder}: {what}")
     # links are listed even when broken: a missing target is reported, not silently skipped
     return sorted(p for p in folder.iterdir()
                   if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTENSIONS)

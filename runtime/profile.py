@@ -5,6 +5,10 @@ Stages: decode, preprocess (per image, from real files), h2d / inference / d2h (
 them separately; ONNX Runtime's copies are inside its inference), aggregation (split bundles),
 search (a FAISS flat map of ``--map-size`` descriptors, batch queries) and re-rank (bundles with
 local features). The first ``--warmup`` iterations of each batch size are run and discarded.
+
+With ``cuda_graph`` (TensorRT) each batch size is replayed from a captured CUDA graph, as
+``--cuda-graph`` runs it; a profiled context cannot be captured, so the per-layer times and the
+separate copy times are then left out and "inference" includes the copies.
 """
 from __future__ import annotations
 
@@ -18,10 +22,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .backends import open_backend
-from .bundle import Bundle, describe
+from .bundle import ENGINE_BACKENDS, Bundle, describe
 from .encoder import decode
+from .errors import OptionError, PathError
 from .files import atomic_write
-from .preprocess import list_images
+from .preprocess import ImageDecodeError, list_images
 from .rerank import rerank_shortlist
 from .sinkhorn import salad_aggregate
 from .timing import StageTimer
@@ -37,19 +42,28 @@ def _images(bundle: Bundle, folder: Optional[Path], count: int) -> np.ndarray:
         return np.random.default_rng(0).standard_normal((count, 3, *pre.size)).astype(np.float32)
     files = list_images(folder)[:count]
     if not files:
-        raise FileNotFoundError(f"{folder}: no images found")
+        raise PathError(f"{folder}: no images found")
     decoded = [decode(f, pre) for f in files]
     good = [d.image for d in decoded if d.image is not None]
     if not good:
-        raise ValueError(f"{folder}: no image could be decoded")
+        raise ImageDecodeError(f"{folder}: none of its first {len(files)} images could be read")
     return np.stack([good[i % len(good)] for i in range(count)])
 
 
 def profile_bundle(bundle: Bundle, batches: Sequence[int], iterations: int = 20, warmup: int = 3,
                    images: Optional[Path] = None, map_size: int = 10000, rerank: int = 0,
-                   threads: Optional[int] = None) -> dict:
-    backend = open_backend(bundle, threads=threads)
-    if bundle.backend == "tensorrt":
+                   threads: Optional[int] = None, device: str = "cpu", cuda_graph: bool = False) -> dict:
+    lo, hi = bundle.batch["min"], bundle.batch["max"]
+    inside = [b for b in batches if lo <= b <= hi]
+    if not inside:
+        raise OptionError(f"--batch {','.join(map(str, batches))}: every size is outside the bundle's profile "
+                          f"{lo}..{hi}; choose sizes in it, or rebuild the bundle with --batch")
+    for b in batches:
+        if b not in inside:
+            print(f"skipping batch {b}: outside the bundle's profile {lo}..{hi}", file=sys.stderr)
+    batches = inside
+    backend = open_backend(bundle, threads=threads, device=device, cuda_graph=cuda_graph)
+    if bundle.backend in ENGINE_BACKENDS and not cuda_graph:
         backend.enable_profiling()
     results: Dict[str, dict] = {}
     max_b = max(batches)
@@ -72,10 +86,6 @@ def profile_bundle(bundle: Bundle, batches: Sequence[int], iterations: int = 20,
     index.add(db)
     has_local = "local_features" in bundle.outputs and rerank > 0
     for b in batches:
-        if not bundle.batch["min"] <= b <= bundle.batch["max"]:
-            print(f"skipping batch {b}: outside the bundle's profile {bundle.batch['min']}..{bundle.batch['max']}",
-                  file=sys.stderr)
-            continue
         timer = StageTimer()
         x = np.ascontiguousarray(data[:b])
         local_db = None
@@ -117,11 +127,12 @@ def profile_bundle(bundle: Bundle, batches: Sequence[int], iterations: int = 20,
     report = {
         "bundle": str(bundle.path), "model": bundle.manifest["model"]["name"], "precision": bundle.precision,
         "backend": bundle.backend, "providers": getattr(backend, "providers", None), "threads": threads,
+        "device": device, "cuda_graph": cuda_graph,
         "iterations": iterations, "warmup_excluded": warmup, "map_size": map_size,
         "per_image": pre_timer.summary(), "batches": results, "peak_rss_mb": peak_rss_mb(),
         "summary": describe(bundle),
     }
-    if bundle.backend == "tensorrt":
+    if bundle.backend in ENGINE_BACKENDS:
         report["device_memory_mb"] = backend.device_memory_bytes() / 2 ** 20
         report["layers"] = backend.layer_times()
     backend.close()

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test suite: everything in .venv (Python 3.11, torch), then the runtime's tests again on
+# The test suite: ruff, everything in .venv (Python 3.11, torch), then the runtime's tests again on
 # Python 3.10 (JetPack 6's) in an environment without torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# lint first: pyflakes and import order (configuration in pyproject.toml)
+.venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"
 
 py310="${PYTHON310:-}"
@@ -26,4 +28,5 @@ if .venv-runtime310/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv-runtime310/bin/python -m pytest -q tests/test_runtime_no_torch.py tests/test_preprocess.py tests/test_rerank.py \
     tests/test_bundle.py tests/test_maps.py tests/test_datasets.py tests/test_loop.py tests/test_sinkhorn.py \
-    tests/test_reliability.py tests/test_properties.py
+    tests/test_reliability.py tests/test_properties.py tests/test_map_build.py tests/test_timing.py \
+    tests/test_decisions.py tests/test_loop_cli.py tests/test_output_dirs.py

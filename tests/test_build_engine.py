@@ -15,6 +15,7 @@ from export.onnx_export import export_onnx  # noqa: E402
 from export.precision import to_fp16  # noqa: E402
 from export.registry import list_models  # noqa: E402
 from export.trt_check import TensorRTCompatibilityError, check_graph, find_problems  # noqa: E402
+from export.trt_rtx import rtx_available  # noqa: E402
 from export.zoo import create_model  # noqa: E402
 from reference import DATA, ROOT, fixture, image_path, save_official_checkpoint, spec  # noqa: E402
 from runtime.backends import open_backend  # noqa: E402
@@ -43,7 +44,7 @@ cosine = row_cosine
 def small_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "gem-fp32"
     proc = build("--model", "gem-dinov2-vits14", "--random-weights", "--depth", "1", "--precision", "fp32",
-                 "--batch", "1:2:4", "--output", str(out))
+                 "--backend", "onnxruntime", "--batch", "1:2:4", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -60,13 +61,16 @@ def test_build_writes_a_verified_bundle_and_a_summary(small_bundle):
     assert m["weights"]["random_weights"] is True and m["export"]["opset"] == 17
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"]
     assert not list(out.parent.glob(".*partial*"))
+    if rtx_available():  # TensorRT's own parser and builder checked the graph, with the bundle's profile
+        assert m["checks"]["tensorrt_rtx"]["profile"] == m["batch"] and m["checks"]["tensorrt_rtx"]["engine_bytes"] > 0
+        assert "TensorRT-RTX" in proc.stdout.splitlines()[-1] and "parse + AOT build" in proc.stdout
 
 
 def test_salad_bundle_reproduces_official_descriptors(tmp_path):
     ckpt = save_official_checkpoint("salad", tmp_path / "dino_salad.ckpt")
     out = tmp_path / "salad-fp32"
     proc = build("--model", "salad-dinov2-vitb14", "--checkpoint", str(ckpt), "--precision", "fp32",
-                 "--batch", "1:4:12", "--output", str(out), "--skip-parity")
+                 "--backend", "onnxruntime", "--batch", "1:4:12", "--output", str(out), "--skip-parity")
     assert proc.returncode == 0, proc.stderr
     bundle = load_bundle(out)
     assert bundle.manifest["weights"]["format"] == "salad"
@@ -106,7 +110,7 @@ def test_every_registry_model_exports_clean_and_fp16_keeps_cosine(name, tmp_path
 def test_trt85_target_decomposes_layernorm(tmp_path):
     out = tmp_path / "b"
     proc = build("--model", "salad-dinov2-vitb14", "--random-weights", "--depth", "1", "--precision", "fp32",
-                 "--target", "trt8.5", "--output", str(out), "--skip-parity")
+                 "--backend", "onnxruntime", "--target", "trt8.5", "--output", str(out), "--skip-parity")
     assert proc.returncode == 0, proc.stderr
     graph = onnx.load(str(out / "model.onnx"))
     assert not any(n.op_type == "LayerNormalization" for n in graph.graph.node)
@@ -196,13 +200,16 @@ def test_cli_help_and_argument_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_usable(), reason="needs TensorRT and an NVIDIA GPU")
 def test_tensorrt_fp16_engine_matches_onnxruntime(small_bundle, tmp_path):
-    out, _ = small_bundle
-    engine = tmp_path / "trt"
-    proc = build("--from-bundle", str(out), "--backend", "tensorrt", "--output", str(engine))
+    fp32, _ = small_bundle
+    engine = tmp_path / "trt-fp16"
+    proc = build("--model", "gem-dinov2-vits14", "--random-weights", "--depth", "1", "--precision", "fp16",
+                 "--backend", "tensorrt", "--batch", "1:2:4", "--output", str(engine))
     assert proc.returncode == 0, proc.stderr
-    cfg_x = np.random.default_rng(0).standard_normal((2, 3, 322, 322)).astype(np.float32)
-    trt_out = open_backend(load_bundle(engine)).run(cfg_x)["descriptor"]
-    ort_out = open_backend(load_bundle(out)).run(cfg_x)["descriptor"]
+    bundle = load_bundle(engine)
+    assert bundle.precision == "fp16" and bundle.backend == "tensorrt" and bundle.file("engine").is_file()
+    x = np.stack([preprocess_file(f, bundle.preprocessing) for f in list_images(DATA / "vprbench_corridor" / "queries")[:4]])
+    trt_out = open_backend(bundle).run(x)["descriptor"]
+    ort_out = open_backend(load_bundle(fp32)).run(x)["descriptor"]
     assert cosine(trt_out, ort_out).min() >= 0.999
 
 

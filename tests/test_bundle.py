@@ -54,15 +54,36 @@ def test_manifest_problems_are_named(tmp_path):
 def test_engine_for_another_tensorrt_or_gpu_is_refused(tmp_path, monkeypatch):
     folder = make_bundle(tmp_path / "e", backend="tensorrt",
                          tensorrt={"version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7"})
-    monkeypatch.setattr(trt_env, "tensorrt_version", lambda: None)
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda backend="tensorrt": None)
     with pytest.raises(BundleError, match="TensorRT does not import"):
         load_bundle(folder)
-    monkeypatch.setattr(trt_env, "tensorrt_version", lambda: "10.16.1")
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda backend="tensorrt": "10.16.1")
     with pytest.raises(BundleError, match="TensorRT 10.3.0, this machine has 10.16.1; rebuild it: python export/build_engine.py --from-bundle"):
         load_bundle(folder)
-    monkeypatch.setattr(trt_env, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda backend="tensorrt": "10.3.0")
     monkeypatch.setattr(trt_env, "gpu_info", lambda device=0: {"name": "RTX 4090", "compute_capability": "8.9"})
     with pytest.raises(BundleError, match="built for Orin .compute capability 8.7.*RTX 4090"):
+        load_bundle(folder)
+
+
+def test_tensorrt_rtx_engine_needs_the_package_and_an_rtx_class_gpu(tmp_path, monkeypatch):
+    folder = make_bundle(tmp_path / "e", backend="tensorrt-rtx",
+                         tensorrt={"library": "tensorrt_rtx", "version": "1.7.1.116", "compute_capabilities": "default"})
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda backend="tensorrt": None)
+    with pytest.raises(BundleError, match="TensorRT-RTX does not import here; install it .pip install tensorrt-rtx-cu13"):
+        load_bundle(folder)
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda backend="tensorrt": "1.7.1.116" if backend == "tensorrt-rtx" else None)
+    monkeypatch.setattr(trt_env, "gpu_info", lambda device=0: None)
+    with pytest.raises(BundleError, match="needs an NVIDIA GPU of compute capability 8.0 or newer"):
+        load_bundle(folder)
+    monkeypatch.setattr(trt_env, "gpu_info", lambda device=0: {"name": "RTX 2080 Ti", "compute_capability": "7.5"})
+    with pytest.raises(BundleError, match="built for compute capability 8.0 or newer .*RTX 2080 Ti .7.5."):
+        load_bundle(folder)
+    monkeypatch.setattr(trt_env, "gpu_info", lambda device=0: {"name": "RTX 5090", "compute_capability": "12.0"})
+    assert load_bundle(folder).backend == "tensorrt-rtx"  # portable: any RTX GPU from Ampere on
+    assert load_bundle(folder, check_engine=False).backend == "tensorrt-rtx"
+    monkeypatch.setattr(trt_env, "tensorrt_version", lambda backend="tensorrt": "1.8.0.1")
+    with pytest.raises(BundleError, match="built with TensorRT-RTX 1.7.1.116, this machine has 1.8.0.1.*--backend tensorrt-rtx"):
         load_bundle(folder)
 
 
@@ -93,11 +114,13 @@ def test_profile_command_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "prof"
     proc = subprocess.run([sys.executable, "-m", "runtime", "profile", "--bundle", str(folder), "--batch", "1,2,9",
                            "--iterations", "4", "--warmup", "2", "--images", str(DATA / "vprbench_corridor" / "queries"),
-                           "--map-size", "500", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
+                           "--map-size", "500", "--device", "cpu", "--output", str(out)], cwd=ROOT, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "skipping batch 9" in proc.stderr  # outside the bundle's 1..4 profile
     report = _json.loads((out / "profile.json").read_text())
     assert set(report["batches"]) == {"1", "2"} and report["warmup_excluded"] == 2
+    assert report["device"] == "cpu" and report["cuda_graph"] is False
     for r in report["batches"].values():
         for s in r["stages"].values():
             assert s["p50"] <= s["p95"] <= s["p99"] <= s["max"]

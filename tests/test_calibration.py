@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from calibration.dataset import calibration_set, sample_files
+from export.trt_rtx import rtx_available
 from reference import DATA, ROOT
 from runtime.preprocess import Preprocessing
 from test_runtime_no_torch import BLOCKER
@@ -57,7 +58,8 @@ def _build(*args):
 def bundles(tmp_path_factory):
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("int8")
-    common = ["--model", "gem-dinov2-vits14", "--random-weights", "--depth", "2", "--batch", "1:8:16", "--skip-parity"]
+    common = ["--model", "gem-dinov2-vits14", "--random-weights", "--depth", "2", "--batch", "1:8:16", "--skip-parity",
+              "--backend", "onnxruntime"]
     _build(*common, "--precision", "fp32", "--output", root / "fp32")
     _build(*common, "--precision", "fp16", "--output", root / "fp16")
     _build(*common, "--precision", "int8", "--calibration-images", CORRIDOR / "database", NORDLAND / "database",
@@ -68,11 +70,23 @@ def bundles(tmp_path_factory):
 def test_int8_bundle_runs_integer_kernels_and_passes_the_checks(bundles):
     m = json.loads((bundles / "int8" / "manifest.json").read_text())
     assert m["precision"] == "int8" and m["calibration"]["mode"] == "explicit Q/DQ"
+    assert m["calibration"]["attention_fp32"] > 0  # 322 x 322: 530 tokens, over ModelOpt's 512 for INT8 attention
     assert m["calibration"]["images"] == 64 and m["calibration"]["method"] == "entropy"
-    assert sum(m["checks"]["onnxruntime_integer_ops"].values()) >= 8  # integer kernels, not dequantised FP32
+    assert sum(m["calibration"]["integer_ops"].values()) >= 8  # integer kernels, not dequantised FP32
+    assert m["checks"]["tensorrt_static_check"]["passed"] and m["checks"]["tensorrt_static_check"]["target"] == "trt10"
     graph = onnx.load(str(bundles / "int8" / "model.onnx"))
     ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "LayerNormalization"} <= ops
+    # TensorRT's layout: INT8 Q/DQ only (no INT32 bias), zero points 0, only the backbone quantized
+    inits = {i.name: i for i in graph.graph.initializer}
+    for n in graph.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+            assert inits[n.input[0]].data_type == onnx.TensorProto.INT8, n.name
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            assert not onnx.numpy_helper.to_array(inits[n.input[2]]).any(), n.name
+    consumers = [c for n in graph.graph.node if n.op_type == "DequantizeLinear"
+                 for c in graph.graph.node if n.output[0] in c.input]
+    assert consumers and all("/backbone/" in c.name for c in consumers)
     # LayerNorm, softmax and the L2 normalisations stay FP32: nothing quantizes their inputs
     producers = {o: n for n in graph.graph.node for o in n.output}
     for n in graph.graph.node:
@@ -103,7 +117,13 @@ def test_standalone_quantize_is_torch_free(bundles, tmp_path, method):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     m = json.loads((out / "manifest.json").read_text())
-    assert m["calibration"]["method"] == method and m["checks"]["onnxruntime_integer_ops"]
+    assert m["calibration"]["method"] == method and m["calibration"]["integer_ops"]
+    # the same writer and checks as build_engine: the Q/DQ graph's static TensorRT check and parity
+    assert m["checks"]["tensorrt_static_check"]["passed"]
+    assert m["checks"]["parity_vs_fp32_graph"]["min_cosine"] >= m["checks"]["parity_vs_fp32_graph"]["threshold"] == 0.99
+    assert "checks passed" in proc.stdout and "parity vs the FP32 graph" in proc.stdout
+    if rtx_available():  # the graph a device's TensorRT gets: parsed and built by TensorRT itself
+        assert m["checks"]["tensorrt_rtx"]["profile"] == m["batch"] and "parse + AOT build" in proc.stdout
 
 
 def test_int8_without_calibration_images_is_refused():

@@ -7,8 +7,8 @@ torch = pytest.importorskip("torch")
 
 from export.checkpoints import CheckpointError, detect_format, fetch_checkpoint, read_state_dict  # noqa: E402
 from export.models.dinov2 import interpolate_pos_embed  # noqa: E402
-from export.zoo import build_module, create_model  # noqa: E402
 from export.registry import get_config  # noqa: E402
+from export.zoo import build_module, create_model  # noqa: E402
 
 
 def _official_dinov2_state_dict(depth: int, registers: bool) -> dict:

@@ -41,9 +41,9 @@ def test_encode_writes_sorted_descriptors_equal_to_the_model(images, tmp_path):
     # batched CricaVPR: consecutive files in sorted order form the batches (2 + 2 + 1)
     model, cfg, _ = create_model("cricavpr-dinov2-vitb14", random_weights=True, depth=1)
     files = list_images(images)
-    expected = encode_files(model, cfg, files, batch_size=2, progress=False)["descriptor"]
+    expected = encode_files(model, cfg, files, batch_size=2, progress=False).outputs["descriptor"]
     np.testing.assert_allclose(desc, expected, atol=1e-6)
-    other = encode_files(model, cfg, files, batch_size=5, progress=False)["descriptor"]
+    other = encode_files(model, cfg, files, batch_size=5, progress=False).outputs["descriptor"]
     assert np.abs(other - desc).max() > 1e-4
 
 

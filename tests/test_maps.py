@@ -1,13 +1,32 @@
-"""FAISS place maps: index choice, search quality, atomic versioned saves, checks. No torch."""
+"""FAISS place maps: index choice, search quality, segments and versions, the writer lock and
+readers' leases, identity, verification. No torch."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from runtime.maps import (MapError, add_to_map, check_compatible, choose_index, load_map, read_poses, save_map)
+from reference import ROOT
+from runtime.maps import (
+    MapError,
+    add_to_map,
+    check_compatible,
+    choose_index,
+    load_map,
+    map_info,
+    open_add,
+    open_build,
+    read_poses,
+    save_map,
+    set_metadata,
+    verify_map,
+)
+from runtime.maps.index import RETRAIN_GROWTH
 
 ID = {"model": "m", "dim": 64, "preprocessing": {"size": [28, 28]}, "batch_mode": "independent",
-      "precision": "fp32", "onnx_sha256": "x"}
+      "weights": "checkpoint sha256:aaaa", "precision": "fp32", "onnx_sha256": "x"}
 
 
 def clustered(n, d, seed=0):
@@ -18,12 +37,18 @@ def clustered(n, d, seed=0):
     return x.astype(np.float32)
 
 
+def noisy(x, idx, seed=1):
+    rng = np.random.default_rng(seed)
+    q = x[idx] + 0.02 * rng.standard_normal((len(idx), x.shape[1])).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
 def test_index_choice_follows_size_and_budget():
     assert choose_index(1000, 8448, None) == "flat"
     assert choose_index(200_000, 512, None) == "ivfpq"
     assert choose_index(5000, 8448, budget=5000 * 8448 * 2) == "ivfpq"  # flat over budget
     assert choose_index(500, 8448, budget=500 * 8448 * 2) == "sqfp16"  # too few to train IVF-PQ
-    assert choose_index(1_000_000, 8448, budget=2 << 30) == "ivfpq"
+    assert choose_index(1_000_000, 8448, budget=1 << 30) == "ivfpq"
     assert choose_index(10, 8, None, "hnsw") == "hnsw"
     with pytest.raises(MapError, match="unknown index"):
         choose_index(10, 8, None, "lsh")
@@ -36,58 +61,208 @@ def test_every_index_finds_the_source_of_noisy_queries(tmp_path, kind, min_recal
     names = [f"img{i:05d}.jpg" for i in range(n)]
     m = save_map(tmp_path / "map", x, names, ID, index_type=kind)
     assert m.kind == kind
-    rng = np.random.default_rng(1)
-    src = rng.choice(n, 200, replace=False)
-    q = x[src] + 0.02 * rng.standard_normal((200, d)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    src = np.random.default_rng(1).choice(n, 200, replace=False)
+    q = noisy(x, src)
     exact = np.argmax(q @ x.T, axis=1)
     scores, ids = m.search(q, 5)
     assert (ids[:, 0] == exact).mean() >= min_recall
     assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
 
 
-def test_save_is_versioned_verified_and_incremental(tmp_path):
+@pytest.mark.parametrize("kind", ["ivfpq", "hnsw", "flat"])
+def test_add_writes_a_segment_and_extends_the_index_without_rewriting_the_map(tmp_path, kind):
+    x = clustered(4000, 64)
+    names = [f"route/{i:05d}.jpg" for i in range(4000)]
+    folder = tmp_path / "map"
+    m1 = save_map(folder, x[:3000], names[:3000], ID, index_type=kind)
+    first = folder / "segments" / "s000001" / "descriptors.f32"
+    before = os.stat(first)
+    training = m1.meta["index"]["training"]
+    m1.close()
+    old = load_map(folder)
+    m2 = add_to_map(old, x[3000:], names[3000:])
+    assert m2.version == "v000002" and len(m2) == 4000 and m2.meta["count"] == 4000
+    assert [s["name"] for s in m2.meta["segments"]] == ["s000001", "s000002"]
+    after = os.stat(first)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # never rewritten
+    if kind == "ivfpq":  # not retrained: the new segment is encoded with the existing training
+        assert m2.meta["index"]["training"] == training and "s000002.npz" in m2.meta["index"]["files"]
+    src = np.arange(3000, 4000, 5)
+    _, ids = m2.search(noisy(x, src), 1)
+    assert (ids[:, 0] == src).mean() >= 0.9
+    assert m2.names[3001] == "route/03001.jpg"
+    assert (folder / "versions" / "v000001.json").exists()  # ``old`` still reads it
+
+
+def test_ivf_uses_an_hnsw_coarse_quantizer_for_large_maps(tmp_path, monkeypatch):
+    import faiss
+
+    import runtime.maps.index as index_module
+    monkeypatch.setattr(index_module, "HNSW_COARSE_MIN", 2000)  # as at 1M images, on a small map
+    x = clustered(3000, 64)
+    m = save_map(tmp_path / "m", x, [str(i) for i in range(3000)], ID, index_type="ivfpq")
+    assert m.meta["index"]["params"]["coarse"] == "hnsw"
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(m.index).quantizer), faiss.IndexHNSWFlat)
+    src = np.arange(0, 3000, 15)
+    _, ids = m.search(noisy(x, src), 1)
+    assert (ids[:, 0] == src).mean() >= 0.9
+
+
+def test_ivfpq_is_retrained_when_the_map_has_grown_enough(tmp_path):
+    x = clustered(1000 * RETRAIN_GROWTH, 32)
+    ident = {**ID, "dim": 32}
+    m = save_map(tmp_path / "m", x[:1000], [f"a{i}" for i in range(1000)], ident, index_type="ivfpq")
+    first = m.meta["index"]["training"]
+    m = add_to_map(m, x[1000:], [f"b{i}" for i in range(len(x) - 1000)])
+    assert m.meta["index"]["training"] != first and m.meta["index"]["trained_on"] == len(x)
+    set_metadata(tmp_path / "m", {})  # the first map object is gone: its training is collected
+    assert not (tmp_path / "m" / "index" / first).exists()
+    _, ids = m.search(noisy(x, np.arange(0, len(x), 40)), 1)
+    assert (ids[:, 0] == np.arange(0, len(x), 40)).mean() >= 0.9
+
+
+def test_auto_switches_from_flat_to_ivfpq_when_over_budget(tmp_path):
+    x = clustered(1500, 64)
+    m = save_map(tmp_path / "m", x[:500], [f"a{i}" for i in range(500)], ID, memory_budget=1000 * 64 * 4)
+    assert m.kind == "flat"
+    m = add_to_map(m, x[500:], [f"b{i}" for i in range(1000)])
+    assert m.kind == "ivfpq" and len(m) == 1500
+
+
+def test_versions_poses_checksums_and_verify(tmp_path):
     x = clustered(300, 64)
     names = [f"a{i}.png" for i in range(300)]
     folder = tmp_path / "map"
     m1 = save_map(folder, x[:200], names[:200], ID, poses=np.arange(400, dtype=float).reshape(200, 2))
     assert (folder / "CURRENT").read_text().strip() == "v000001"
     m2 = add_to_map(m1, x[200:], names[200:], poses=np.zeros((100, 2)))
-    assert (folder / "CURRENT").read_text().strip() == "v000002" and len(m2) == 300
-    assert not (folder / "v000001").exists()  # older versions are removed once the new one is live
+    m1.close()
     loaded = load_map(folder)
     _, ids = loaded.search(x[250:251], 1)
-    assert loaded.names[ids[0, 0]] == "a250" + ".png"
-    assert loaded.poses.shape == (300, 2)
+    assert loaded.names[ids[0, 0]] == "a250.png" and loaded.poses.shape == (300, 2)
     with pytest.raises(MapError, match="already in the map"):
         add_to_map(loaded, x[:1], ["a0.png"], poses=np.zeros((1, 2)))
-    # corruption is caught by the checksum
-    desc = folder / "v000002" / "descriptors.npy"
-    data = bytearray(desc.read_bytes())
+    with pytest.raises(MapError, match="poses must be given"):
+        add_to_map(loaded, x[:1], ["new.png"])
+    m2.close()
+    loaded.close()
+    assert verify_map(folder)[1] == []
+    # a damaged descriptor store keeps its size: loading (quick) reads it, verify names it
+    store = folder / "segments" / "s000002" / "descriptors.f32"
+    data = bytearray(store.read_bytes())
     data[-3] ^= 0xFF
-    desc.write_bytes(bytes(data))
-    with pytest.raises(MapError, match="checksum"):
+    store.write_bytes(bytes(data))
+    version, problems, _ = verify_map(folder)
+    assert len(problems) == 1 and "segment s000002" in problems[0] and "descriptors.f32" in problems[0]
+    assert "restore" in problems[0] and "rebuild" in problems[0]
+    with pytest.raises(MapError, match="s000002.*sha256"):
+        load_map(folder, verify="full")
+    # names are small: hashed on every load
+    names_file = folder / "segments" / "s000001" / "names.jsonl"
+    names_file.write_text(names_file.read_text().replace("a1.png", "a7.png", 1))
+    with pytest.raises(MapError, match="s000001/names.jsonl: segment s000001 is corrupted"):
         load_map(folder)
+    store.unlink()
+    with pytest.raises(MapError, match="descriptors.f32: missing .segment s000002"):
+        load_map(folder, verify="none")
 
 
-def test_bad_descriptors_and_metadata_are_refused(tmp_path):
+def test_bad_descriptors_and_metadata_are_refused_and_the_map_is_kept(tmp_path):
+    good = save_map(tmp_path / "m", clustered(10, 64), [f"g{i}" for i in range(10)], ID)
+    good.close()
     x = clustered(10, 64)
     x[3, 5] = np.nan
     with pytest.raises(MapError, match="NaN or Inf .*n3"):
-        save_map(tmp_path / "m", x, [f"n{i}" for i in range(10)], ID)
-    assert not (tmp_path / "m" / "CURRENT").exists()
+        add_to_map(load_map(tmp_path / "m"), x, [f"n{i}" for i in range(10)])
+    assert len(load_map(tmp_path / "m")) == 10 and not list((tmp_path / "m" / "segments").glob(".*"))
+    with pytest.raises(MapError, match="NaN or Inf"):
+        save_map(tmp_path / "new", x, [f"n{i}" for i in range(10)], ID)
+    assert not (tmp_path / "new" / "CURRENT").exists()
     with pytest.raises(MapError, match="unique"):
-        save_map(tmp_path / "m", clustered(2, 64), ["a", "a"], ID)
+        save_map(tmp_path / "u", clustered(2, 64), ["a", "a"], ID)
     with pytest.raises(MapError, match="64-D"):
-        save_map(tmp_path / "m", clustered(2, 32), ["a", "b"], ID)
+        save_map(tmp_path / "d", clustered(2, 32), ["a", "b"], ID)
     with pytest.raises(MapError, match="not a map"):
         load_map(tmp_path / "nothing")
 
 
-def test_map_from_another_bundle_is_refused(tmp_path):
-    with pytest.raises(MapError, match="another bundle .model"):
+def test_output_that_is_not_a_map_is_refused_and_replacing_a_map_keeps_other_files(tmp_path):
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(MapError, match="exists and is not a map"):
+        open_build(other, ID)
+    assert (other / "holiday.jpg").read_bytes() == b"x" and not (other / "LOCK").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MapError, match="not a folder"):
+        open_build(tmp_path / "file", ID)
+    folder = tmp_path / "map"
+    save_map(folder, clustered(20, 64), [f"a{i}" for i in range(20)], ID).close()
+    (folder / "README.txt").write_text("notes kept beside the map")
+    m = save_map(folder, clustered(30, 64, seed=3), [f"b{i}" for i in range(30)], ID)
+    assert len(m) == 30 and m.names[0] == "b0"
+    assert (folder / "README.txt").read_text() == "notes kept beside the map"
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == ["s000002"]  # the replaced content is gone
+
+
+def test_one_writer_at_a_time_fails_at_once_naming_the_holder(tmp_path):
+    folder = tmp_path / "m"
+    save_map(folder, clustered(20, 64), [f"a{i}" for i in range(20)], ID).close()
+    with open_add(folder) as w:
+        w.append(["x"], clustered(1, 64))
+        code = ("import sys; sys.path.insert(0, %r)\n"
+                "from runtime.maps import open_add, MapError\n"
+                "try:\n    open_add(%r)\nexcept MapError as e:\n    print(e)\n") % (str(ROOT), str(folder))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert f"another process (PID {os.getpid()}) is writing this map" in proc.stdout
+        assert len(proc.stdout.strip().splitlines()) == 1
+        reader = load_map(folder)  # readers never wait for the writer
+        assert len(reader) == 20
+        w.commit()
+    assert len(load_map(folder)) == 21
+
+
+def test_a_reader_keeps_its_version_while_writers_replace_the_map(tmp_path):
+    folder = tmp_path / "m"
+    x = clustered(50, 64)
+    save_map(folder, x, [f"a{i}" for i in range(50)], ID).close()
+    reader = load_map(folder)
+    held = folder / "segments" / "s000001"
+    save_map(folder, clustered(40, 64, seed=5), [f"b{i}" for i in range(40)], ID).close()  # a rebuild
+    set_metadata(folder, {"threshold": 0.5})
+    assert held.is_dir() and (folder / "versions" / "v000001.json").exists()  # leased: kept
+    _, ids = reader.search(x[7:8], 1)
+    assert reader.names[ids[0, 0]] == "a7" and np.asarray(reader.descriptors[7:8]).shape == (1, 64)
+    reader.close()
+    set_metadata(folder, {"threshold": 0.6})  # the next writer collects what nobody reads
+    assert not held.exists() and not (folder / "versions" / "v000001.json").exists()
+    m = load_map(folder)
+    assert m.metadata == {"threshold": 0.6} and len(m) == 40 and map_info(m)["segments"] == 1
+
+
+def test_map_from_other_weights_is_refused_naming_both(tmp_path):
+    with pytest.raises(MapError, match="other weights.*map 'checkpoint sha256:aaaa'.*bundle 'random weights"):
+        check_compatible(ID, {**ID, "weights": "random weights sha256:bbbb"}, tmp_path)
+    with pytest.raises(MapError, match="model: map 'm', bundle 'other'"):
         check_compatible(ID, {**ID, "model": "other"}, tmp_path)
-    check_compatible(ID, {**ID, "precision": "fp16", "onnx_sha256": "y"}, tmp_path)  # same model: fine
+    assert check_compatible(ID, {**ID, "precision": "fp16", "onnx_sha256": "y"}, tmp_path) == []  # same weights
+    warnings = check_compatible(ID, {**ID, "precision": "int8"}, tmp_path)
+    assert len(warnings) == 1 and "99.1%" in warnings[0]
+    folder = tmp_path / "m"
+    save_map(folder, clustered(5, 64), list("abcde"), ID).close()
+    with pytest.raises(MapError, match="other weights"):
+        open_add(folder, {**ID, "weights": "checkpoint sha256:cccc"})
+    assert not list((folder / "segments").glob(".*"))
+    open_add(folder, ID).abort()  # the lock was released by the refusal
+
+
+def test_float32_store_is_exact_and_float16_within_rounding(tmp_path):
+    x = clustered(100, 64)
+    m32 = save_map(tmp_path / "a", x, [str(i) for i in range(100)], ID, store_dtype="float32")
+    np.testing.assert_array_equal(np.asarray(m32.descriptors), x)
+    m16 = save_map(tmp_path / "b", x, [str(i) for i in range(100)], ID, store_dtype="float16")
+    assert np.abs(np.asarray(m16.descriptors, dtype=np.float32) - x).max() < 1e-3
+    assert json.loads((tmp_path / "b" / "versions" / "v000001.json").read_text())["store_dtype"] == "float16"
 
 
 def test_poses_from_csv_and_json(tmp_path):

@@ -70,14 +70,16 @@ def test_manifest_parsing_fails_only_with_bundle_errors(tmp_path, doc, raw):
 
 @SETTINGS
 @given(doc=st.one_of(json_values, st.fixed_dictionaries(
-    {"format_version": st.just(1), "files": json_values, "count": json_values, "dim": json_values,
-     "bundle": json_values, "index": json_values})),
+    {"format_version": st.just(2), "dim": json_values, "store_dtype": st.sampled_from(["float16", "x", None]),
+     "bundle": json_values, "index": json_values, "metadata": json_values,
+     "segments": st.one_of(json_values, st.lists(st.fixed_dictionaries(
+         {"name": st.sampled_from(["s000001", "../x", 3]), "count": json_values, "files": json_values,
+          "local_shape": json_values}), max_size=2))})),
        current=st.text(alphabet=string.ascii_letters + string.digits, min_size=1, max_size=8))
 def test_map_metadata_parsing_fails_only_with_map_errors(tmp_path, doc, current):
-    version = tmp_path / "v000001"
-    version.mkdir(exist_ok=True)
+    (tmp_path / "versions").mkdir(exist_ok=True)
     (tmp_path / "CURRENT").write_text("v000001" if current.startswith(("a", "b", "c", "d", "e")) else current)
-    (version / "map.json").write_text(json.dumps(doc))
+    (tmp_path / "versions" / "v000001.json").write_text(json.dumps(doc))
     try:
         load_map(tmp_path)
     except MapError:

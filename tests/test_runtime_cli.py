@@ -24,7 +24,7 @@ def run(*args, module="runtime"):
 
 def build(out, *args):
     proc = subprocess.run([sys.executable, str(ROOT / "export" / "build_engine.py"), *map(str, args),
-                           "--random-weights", "--depth", "1", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
+                           "--random-weights", "--depth", "1", "--backend", "onnxruntime", "--output", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return out
 

@@ -1,4 +1,5 @@
-"""runtime/ must import with torch and timm unavailable (a robot ships it without them)."""
+"""runtime/ must import with torch and timm unavailable (a robot ships it without them), and
+without Ray (an optional extra for map building on a cluster)."""
 import pkgutil
 import subprocess
 import sys
@@ -12,13 +13,13 @@ BLOCKER = r"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "timm", "torchvision"):
+        if name.split(".")[0] in ("torch", "timm", "torchvision", "ray"):
             raise ImportError(f"runtime imported {name}")
 sys.meta_path.insert(0, Block())
 import importlib
 for m in sys.argv[1:]:
     importlib.import_module(m)
-assert not any(k.split(".")[0] in ("torch", "timm") for k in sys.modules)
+assert not any(k.split(".")[0] in ("torch", "timm", "ray") for k in sys.modules)
 print("ok", len(sys.argv) - 1)
 """
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional, Tuple
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import timm
 
 from ..registry import ARCHS, PATCH  # noqa: F401 (PATCH is re-exported for the method modules)
 

@@ -5,7 +5,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..bundle import Bundle
+from ..bundle import ENGINE_BACKENDS, Bundle
 
 
 class Backend:
@@ -24,7 +24,7 @@ class Backend:
 def open_backend(bundle: Bundle, threads: Optional[int] = None, device: str = "cpu",
                  cuda_graph: bool = False) -> Backend:
     """The backend a bundle was built for."""
-    if bundle.backend == "tensorrt":
+    if bundle.backend in ENGINE_BACKENDS:
         from .tensorrt_backend import TensorRTBackend
         return TensorRTBackend(bundle, cuda_graph=cuda_graph)
     from .ort_backend import OnnxRuntimeBackend

@@ -1,12 +1,15 @@
 """Pinned host and device memory, one stream and async copies, through cuda-python
-(``cuda.bindings.runtime``; ``cuda.cudart`` on older JetPack images) or, where cuda-python is
-missing, pycuda. Only what the TensorRT backend needs."""
+(``cuda.bindings.runtime``; ``cuda.cudart`` on older JetPack images): what NVIDIA's own TensorRT
+samples use since they dropped pycuda. Required for TensorRT bundles (the ``trt`` extra); only
+what the TensorRT backend needs."""
 from __future__ import annotations
 
 import ctypes
 from typing import Tuple
 
 import numpy as np
+
+from ..errors import UserError
 
 
 def _check(result):
@@ -20,10 +23,12 @@ class CudaPythonMemory:
     name = "cuda-python"
 
     def __init__(self) -> None:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
+        from ..trt_env import cuda_runtime
+
+        cudart = cuda_runtime()
+        if cudart is None:
+            raise UserError("TensorRT bundles need cuda-python: pip install cuda-python (or the trt extra: "
+                            "pip install 'vpr-edge[trt]')")
         self.rt = cudart
         self.stream = _check(cudart.cudaStreamCreate())
         self._device, self._host = [], []
@@ -71,52 +76,5 @@ class CudaPythonMemory:
         self.rt.cudaStreamDestroy(self.stream)
 
 
-class PyCudaMemory:
-    """Fallback for images that ship pycuda but not cuda-python (no CUDA-graph capture)."""
-
-    name = "pycuda"
-
-    def __init__(self) -> None:
-        import pycuda.autoinit  # noqa: F401 - creates the context
-        import pycuda.driver as cuda
-        self.cuda = cuda
-        self.stream = cuda.Stream()
-        self._keep = []
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self.stream.handle)
-
-    def alloc(self, nbytes: int) -> Tuple[int, np.ndarray]:
-        dev = self.cuda.mem_alloc(nbytes)
-        host = self.cuda.pagelocked_empty(nbytes, np.uint8)
-        self._keep.append((dev, host))
-        return int(dev), host
-
-    def htod(self, dev: int, host: np.ndarray, nbytes: int) -> None:
-        self.cuda.memcpy_htod_async(dev, host[:nbytes], self.stream)
-
-    def dtoh(self, host: np.ndarray, dev: int, nbytes: int) -> None:
-        self.cuda.memcpy_dtoh_async(host[:nbytes], dev, self.stream)
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-    def begin_capture(self) -> None:
-        raise RuntimeError("CUDA-graph capture needs cuda-python")
-
-    def close(self) -> None:
-        for dev, _ in self._keep:
-            dev.free()
-        self._keep = []
-
-
-def open_memory():
-    """cuda-python where it imports, else pycuda."""
-    try:
-        return CudaPythonMemory()
-    except ImportError:
-        try:
-            return PyCudaMemory()
-        except ImportError as exc:
-            raise RuntimeError("TensorRT needs cuda-python (pip install cuda-python) or pycuda") from exc
+def open_memory() -> CudaPythonMemory:
+    return CudaPythonMemory()

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Bundle
+from ..errors import OptionError
 from . import Backend
 
 
@@ -31,7 +32,11 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, threads: Optional[int] = None, device: str = "cpu") -> None:
         providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        if device == "cuda":
+            available = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise OptionError(f"--device cuda: this ONNX Runtime has no CUDA execution provider (it has "
+                                  f"{', '.join(available)}); install onnxruntime-gpu, or use --device cpu")
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(bundle.file("onnx")), sess_options=session_options(threads),
                                             providers=providers)

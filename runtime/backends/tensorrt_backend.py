@@ -1,19 +1,28 @@
 """TensorRT backend: name-based I/O (``set_input_shape``, ``set_tensor_address``,
-``execute_async_v3``), the same from TensorRT 8.5 to 11.x (shared/research/deploy-tooling.md §1.10).
+``execute_async_v3``), the same from TensorRT 8.5 to 11.x and in TensorRT-RTX
+(shared/research/deploy-tooling.md §1.10): the bundle's backend picks the module, ``tensorrt`` or
+``tensorrt_rtx``.
+
+TensorRT-RTX compiles the engine's kernels for the GPU at the first run; where the engine offers
+a runtime configuration with a runtime cache (feature-detected), the compiled kernels are kept
+in ``~/.cache/vpr-edge/tensorrt-rtx/`` (``$VPR_EDGE_CACHE``), one file per engine, so later runs
+start without compiling.
 
 Buffers are planned once for the profile's maximum batch (``plan_buffers``) and reused, pinned on
-the host; one non-default stream with asynchronous copies (``cuda_memory``: cuda-python, else
-pycuda). With ``cuda_graph=True`` each batch size's enqueue is captured once into a CUDA graph
+the host; one non-default stream with asynchronous copies (``cuda_memory``: cuda-python). With ``cuda_graph=True`` each batch size's enqueue is captured once into a CUDA graph
 and replayed (after a first uncaptured run, as trtexec does); the copies stay outside the graph.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Dict, List, Tuple
 
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..files import atomic_write
+from ..trt_env import RUNTIME_CACHE_DIR, tensorrt_module
 from . import Backend
 
 
@@ -32,18 +41,37 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, cuda_graph: bool = False) -> None:
-        import tensorrt as trt
-
         from .cuda_memory import open_memory
 
+        trt = self.trt = tensorrt_module(bundle.backend)
+        if trt is None:
+            raise BundleError(f"{bundle.path}: {bundle.backend} does not import here; {bundle.rebuild_hint}")
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
         if bundle.manifest.get("tensorrt", {}).get("version_compatible"):
             runtime.engine_host_code_allowed = True
-        self.engine = runtime.deserialize_cuda_engine(bundle.file("engine").read_bytes())
+        plan = bundle.file("engine").read_bytes()
+        if hasattr(runtime, "get_engine_validity"):  # TensorRT-RTX says why an engine cannot run here
+            validity, diagnostics = runtime.get_engine_validity(plan)
+            if validity == trt.EngineValidity.INVALID:
+                why = [name.lower().replace("_", " ") for name, flag in trt.EngineInvalidityDiagnostics.__members__.items()
+                       if int(diagnostics) & int(flag)]
+                raise BundleError(f"{bundle.file('engine')}: {bundle.backend} cannot run this engine on this machine "
+                                  f"({', '.join(why) or 'no reason given'}); {bundle.rebuild_hint}")
+        self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise BundleError(f"{bundle.file('engine')}: TensorRT could not deserialise the engine; {bundle.rebuild_hint}")
-        self.context = self.engine.create_execution_context()
+            raise BundleError(f"{bundle.file('engine')}: {bundle.backend} could not deserialise the engine; {bundle.rebuild_hint}")
+        self.cache_file, self.runtime_cache = None, None
+        config = self.engine.create_runtime_config() if hasattr(self.engine, "create_runtime_config") else None
+        if hasattr(config, "create_runtime_cache"):  # TensorRT-RTX: keep the kernels compiled at the first run
+            self.runtime_cache = config.create_runtime_cache()
+            self.cache_file = RUNTIME_CACHE_DIR / f"{bundle.manifest['files']['engine']['sha256'][:16]}.cache"
+            if self.cache_file.is_file():
+                self.runtime_cache.deserialize(self.cache_file.read_bytes())  # False (ignored) on another GPU or driver
+            config.set_runtime_cache(self.runtime_cache)
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
         self.min_batch, self.max_batch = int(bundle.batch["min"]), int(bundle.batch["max"])
         io = []
         for i in range(self.engine.num_io_tensors):
@@ -58,7 +86,7 @@ class TensorRTBackend(Backend):
         for name, size in plan_buffers(io, self.max_batch).items():
             self.buffers[name] = self.mem.alloc(size)
             self.context.set_tensor_address(name, self.buffers[name][0])
-        self.cuda_graph = cuda_graph and self.mem.name == "cuda-python"
+        self.cuda_graph = cuda_graph
         self.graphs: Dict[int, object] = {}
         self.profiler = None
         self.last_timings: Dict[str, float] = {}
@@ -66,7 +94,7 @@ class TensorRTBackend(Backend):
     def enable_profiling(self) -> None:
         """Time h2d / inference / d2h separately (a synchronisation after each) and collect
         TensorRT's per-layer times through an IProfiler. Not for production: it costs latency."""
-        import tensorrt as trt
+        trt = self.trt
 
         class LayerProfiler(trt.IProfiler):
             def __init__(self) -> None:
@@ -137,4 +165,10 @@ class TensorRTBackend(Backend):
                 for n, (sh, dt, nb) in shapes.items()}
 
     def close(self) -> None:
+        if self.runtime_cache is not None:
+            try:
+                data = memoryview(self.runtime_cache.serialize())
+                atomic_write(self.cache_file, lambda f: f.write(data))
+            except OSError as exc:  # a read-only home: the next run compiles again
+                print(f"warning: TensorRT-RTX runtime cache not saved to {self.cache_file}: {exc}", file=sys.stderr)
         self.mem.close()

@@ -1,0 +1,221 @@
+"""The FAISS index of a map: choice, training, per-segment parts, assembly at load.
+
+Choice (``auto``) from the map's size and the memory budget: Flat inner product while it fits and
+the map is small enough for brute force (100k); otherwise PCA + IVF-PQ whose shortlist is
+re-ranked exactly from the descriptor store; SQfp16 for a small map over budget. HNSW and SQfp16
+stay available with ``--index``. Measured in BENCHMARKS.md §5.
+
+PCA + IVF-PQ (the recipe of shared/research/round2-anchors.md §5, autofaiss' choice at 1M): PCA
+to 256-D by a randomized SVD (seconds at 8448-D, where faiss's PCAMatrix eigen-decomposes the
+full covariance on one thread), an IVF whose coarse quantizer is an HNSW graph over the
+centroids from 1M descriptors up (flat below), PQ codes of 4 dimensions per byte on the
+residuals, L2 in PCA space (the original vectors are unit-length, so L2 there ranks like the
+inner product, and it needs no re-normalisation after the projection). The shortlist is then
+re-ranked exactly from the store.
+
+Incremental: the index is trained once, on a seeded sample of the map (bounded: 30k rows for the
+PCA, 40 per centroid for the IVF, 200k at most). Each segment's part (its inverted-list numbers
+and PQ codes) is computed from its own descriptors when it is added, so ``map add`` costs
+O(added). It is retrained (every part recomputed, descriptors untouched) when the map has grown
+to 4x the size it was trained at, or when ``auto`` would now choose another index type. Flat and
+SQfp16 have nothing to train: they are filled from the store at load. HNSW's graph is one
+structure: ``map add`` extends a copy of it (O(map) in index size).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Tuple
+
+import faiss
+import numpy as np
+
+from .layout import MapError
+
+INDEX_TYPES = ("flat", "sqfp16", "hnsw", "ivfpq")
+FLAT_MAX = 100_000  # above this, brute force costs > 0.2 s per 8448-D query on 2 cores (BENCHMARKS.md §5)
+IVFPQ_MIN = 1000  # IVF-PQ needs this many vectors to train
+HNSW_COARSE_MIN = 1_000_000  # an HNSW graph over the IVF centroids from this size up
+HNSW_M = 32
+PCA_DIM = 256
+PCA_SAMPLE = 30_000
+IVF_SAMPLE_PER_LIST = 40
+IVF_SAMPLE_MAX = 200_000
+RETRAIN_GROWTH = 4
+SEED = 0
+
+
+def ivf_params(n: int, d: int) -> dict:
+    pca = min(d, PCA_DIM)
+    nlist = int(2 ** round(math.log2(max(8.0, 4 * math.sqrt(n)))))
+    nlist = max(8, min(nlist, n // IVF_SAMPLE_PER_LIST, 65536))
+    return {"pca_dim": pca, "nlist": nlist, "pq_m": max(1, pca // 4), "nbits": 8,
+            "coarse": "hnsw" if n >= HNSW_COARSE_MIN else "flat", "nprobe": min(nlist, 32),
+            "shortlist": 100}
+
+
+def index_bytes(kind: str, n: int, d: int) -> int:
+    """Approximate resident memory of an index over n vectors of dimension d."""
+    if kind == "flat":
+        return n * d * 4
+    if kind == "sqfp16":
+        return n * d * 2
+    if kind == "hnsw":
+        return n * d * 4 + n * HNSW_M * 2 * 4
+    p = ivf_params(max(n, IVFPQ_MIN), d)
+    coarse = p["nlist"] * p["pca_dim"] * 4 + (p["nlist"] * HNSW_M * 2 * 4 if p["coarse"] == "hnsw" else 0)
+    return n * (p["pq_m"] + 8) + p["pca_dim"] * d * 4 + coarse  # codes + ids + PCA + centroids
+
+
+def choose_index(n: int, d: int, budget: Optional[int], requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested not in INDEX_TYPES:
+            raise MapError(f"unknown index type {requested!r}; expected auto or one of {INDEX_TYPES}")
+        return requested
+    budget = budget if budget is not None else 1 << 62
+    if index_bytes("flat", n, d) <= budget and n <= FLAT_MAX:
+        return "flat"
+    if n >= IVFPQ_MIN:
+        return "ivfpq"
+    return "sqfp16" if index_bytes("sqfp16", n, d) <= budget else "flat"
+
+
+def needs_retrain(index_meta: dict, total: int, d: int) -> bool:
+    """Whether adding images to ``total`` should retrain the index (see the module's doc)."""
+    kind = index_meta["type"]
+    if not index_meta.get("pinned") and choose_index(total, d, index_meta.get("memory_budget")) != kind:
+        return True
+    return kind == "ivfpq" and total >= RETRAIN_GROWTH * index_meta.get("trained_on", total)
+
+
+def _orthonormal(y: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of y's columns from the eigen-decomposition of the small Gram matrix
+    (matrix products only: LAPACK's threaded QR slows down tenfold on a loaded 2-core machine)."""
+    w, v = np.linalg.eigh((y.T @ y).astype(np.float64))
+    keep = w > w.max() * 1e-10
+    return (y @ (v[:, keep] / np.sqrt(w[keep])).astype(np.float32)).astype(np.float32)
+
+
+def pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
+    """PCA to ``k`` dimensions by a randomized SVD (Halko et al. 2011: range finder with two power
+    iterations), in matrix products and small eigen-decompositions."""
+    n, d = x.shape
+    if k >= d:
+        a, b = np.eye(d, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    else:
+        mean = x.mean(axis=0)
+        xc = x - mean
+        rng = np.random.default_rng(SEED)
+        y = xc @ rng.standard_normal((d, min(d, k + 16))).astype(np.float32)
+        for _ in range(2):
+            y = _orthonormal(y)
+            y = xc @ (xc.T @ y)
+        q = _orthonormal(y)
+        bmat = q.T @ xc  # (l, d): its right singular vectors are the principal axes
+        w, u = np.linalg.eigh((bmat @ bmat.T).astype(np.float64))
+        top = np.argsort(w)[::-1][:k]
+        vt = (u[:, top] / np.sqrt(np.maximum(w[top], 1e-30))).T.astype(np.float32) @ bmat
+        a = np.ascontiguousarray(vt, dtype=np.float32)
+        b = (-a @ mean).astype(np.float32)
+    lt = faiss.LinearTransform(d, a.shape[0], True)
+    faiss.copy_array_to_vector(a.ravel(), lt.A)
+    faiss.copy_array_to_vector(b, lt.b)
+    lt.is_trained = True
+    return lt
+
+
+def sample_ids(n: int, count: int, seed: int = SEED) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, min(n, count), replace=False))
+
+
+def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
+    """An empty, trained PCA + IVF-PQ index from a seeded sample of ``rows``."""
+    d = rows.shape[1]
+    p = ivf_params(n, d)
+    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"])
+    ids = sample_ids(n, min(IVF_SAMPLE_MAX, max(PCA_SAMPLE, IVF_SAMPLE_PER_LIST * p["nlist"])), SEED + 1)
+    xt = np.concatenate([pca.apply(np.asarray(rows[ids[i:i + 8192]], dtype=np.float32))
+                         for i in range(0, len(ids), 8192)])
+    dp = p["pca_dim"]
+    quantizer = faiss.IndexHNSWFlat(dp, HNSW_M) if p["coarse"] == "hnsw" else faiss.IndexFlatL2(dp)
+    ivf = faiss.IndexIVFPQ(quantizer, dp, p["nlist"], p["pq_m"], p["nbits"])
+    if p["coarse"] == "hnsw":
+        ivf.clustering_index = faiss.IndexFlatL2(dp)  # exact k-means; the graph only serves assignment
+        quantizer.hnsw.efConstruction = 40
+        quantizer.hnsw.efSearch = 128  # assigning the map's rows to lists: exact enough at 4096+ lists
+    ivf.cp.niter = 10
+    ivf.cp.seed = ivf.pq.cp.seed = SEED
+    ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # sample sizes are ours (quiet)
+    ivf.cp.max_points_per_centroid = 1 << 20  # the IVF sample is already bounded; PQ keeps faiss' 256 per code
+    ivf.train(xt)
+    return faiss.IndexPreTransform(pca, ivf), p
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF:
+    return faiss.extract_index_ivf(index)
+
+
+def ivfpq_part(trained: faiss.Index, chunks: Iterable[np.ndarray]) -> Dict[str, np.ndarray]:
+    """A segment's part of a trained PCA + IVF-PQ index: inverted-list number and PQ code per row."""
+    pre = faiss.downcast_VectorTransform(faiss.downcast_index(trained).chain.at(0))
+    ivf = _ivf(trained)
+    lists, codes = [], []
+    for x in chunks:
+        xt = np.ascontiguousarray(pre.apply(np.ascontiguousarray(x, dtype=np.float32)))
+        _, assign = ivf.quantizer.search(xt, 1)
+        assign = np.ascontiguousarray(assign.ravel())
+        c = np.empty((len(xt), ivf.code_size), dtype=np.uint8)
+        ivf.encode_vectors(len(xt), faiss.swig_ptr(xt), faiss.swig_ptr(assign), faiss.swig_ptr(c))
+        lists.append(assign.astype(np.int32))
+        codes.append(c)
+    return {"lists": np.concatenate(lists), "codes": np.concatenate(codes)}
+
+
+def fill_ivfpq(trained: faiss.Index, parts: Iterable[Tuple[int, Dict[str, np.ndarray]]], params: dict) -> faiss.Index:
+    """Put each segment's codes (with global ids from its offset) into the trained index."""
+    ivf = _ivf(trained)
+    total = 0
+    for offset, part in parts:
+        lists, codes = part["lists"].astype(np.int64), part["codes"]
+        if len(lists) != len(codes) or codes.shape[1:] != (ivf.code_size,) or \
+                (len(lists) and (lists.min() < 0 or lists.max() >= ivf.nlist)):
+            raise MapError("an index part does not fit its training; rebuild the map")
+        order = np.argsort(lists, kind="stable")
+        ids = (offset + order).astype(np.int64)
+        sorted_codes = np.ascontiguousarray(codes[order])
+        counts = np.bincount(lists, minlength=ivf.nlist)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        for li in np.flatnonzero(counts):
+            a, b = starts[li], starts[li + 1]
+            ivf.invlists.add_entries(int(li), int(b - a), faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(sorted_codes[a:b]))
+        total += len(lists)
+    ivf.ntotal = total
+    trained.ntotal = total
+    set_search_params(trained, params)
+    return trained
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    ivf = _ivf(index)
+    ivf.nprobe = min(int(params["nprobe"]), ivf.nlist)
+    if params.get("coarse") == "hnsw":
+        # 200k x 256, 2048 lists: the true top-1 reached the shortlist for 87 % of queries at efSearch 16,
+        # 99 % at 64, 100 % at 256 (BENCHMARKS.md §5); 256 costs ~0.1 ms over a few thousand centroids
+        faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(256, 8 * ivf.nprobe)
+
+
+def new_hnsw(d: int) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(d, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 40
+    index.hnsw.efSearch = 64
+    return index
+
+
+def filled_flat(kind: str, d: int, chunks: Iterable[np.ndarray]) -> faiss.Index:
+    """Flat or SQfp16 (inner product) filled from the store."""
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    else:
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    for x in chunks:
+        index.add(np.ascontiguousarray(x, dtype=np.float32))
+    return index

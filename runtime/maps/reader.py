@@ -1,0 +1,205 @@
+"""Loading a map: lease the current version, check its files, memory-map the stores, assemble
+the index. Loading never waits for a writer and never sees half a version.
+
+What loading checks (``verify``): ``quick`` (the default) checks the size of every file and the
+sha256 of every file up to 256 MB (names, poses, index training and parts); the large files (the
+descriptor and local-feature stores, an HNSW graph: 17 GB for 1M places at 8448-D) are checked by
+size only, so a 1M-place map loads in seconds. ``full`` hashes everything, as
+``python -m runtime map verify`` does; ``none`` checks sizes only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import faiss
+import numpy as np
+
+from ..files import sha256_file
+from .index import fill_ivfpq, filled_flat
+from .layout import MapError, read_manifest, segment_dir, store_file, training_dir, version_path
+from .lock import Lease, take_lease
+from .store import Rows, open_rows
+
+QUICK_HASH_MAX = 256 << 20
+VERIFY_LEVELS = ("none", "quick", "full")
+
+
+@dataclass
+class PlaceMap:
+    """A loaded map. ``search`` returns inner-product scores and place indices, best first."""
+
+    folder: Path
+    meta: dict
+    version: str
+    descriptors: Rows  # memory-mapped segment stores
+    names: List[str]
+    index: faiss.Index
+    poses: Optional[np.ndarray] = None
+    local: Optional[Rows] = None  # memory-mapped (N, h, w, c) float16
+    lease: Optional[Lease] = field(default=None, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["index"]["type"]
+
+    @property
+    def metadata(self) -> Dict[str, object]:
+        """Entries stored with the map by other tools (e.g. a match threshold)."""
+        return self.meta.get("metadata", {})
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def close(self) -> None:
+        """Release this reader's lease on its version (also released when the process ends)."""
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
+
+    def search(self, queries: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, len(self))
+        if self.kind != "ivfpq":
+            return self.index.search(q, k)
+        # PQ distances are coarse: re-rank a shortlist exactly from the stored descriptors
+        depth = min(len(self), max(int(self.meta["index"]["params"]["shortlist"]), 16 * k))
+        _, cand = self.index.search(q, depth)
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        for i, row in enumerate(cand):
+            row = np.unique(row[row >= 0])
+            exact = self.descriptors[row].astype(np.float32) @ q[i]
+            order = np.argsort(-exact, kind="stable")[:k]
+            ids[i, :len(order)] = row[order]
+            scores[i, :len(order)] = exact[order]
+        return scores, ids
+
+
+def _check_file(path: Path, entry: dict, verify: str, what: str) -> None:
+    if not path.is_file():
+        raise MapError(f"{path}: missing ({what}); restore it, or rebuild the map (python -m runtime map build)")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise MapError(f"{path}: {size} bytes, the map says {entry['size']} ({what} truncated or replaced); "
+                       "restore it, or rebuild the map (python -m runtime map build)")
+    if verify == "full" or (verify == "quick" and size <= QUICK_HASH_MAX):
+        if sha256_file(path) != entry["sha256"]:
+            raise MapError(f"{path}: {what} is corrupted (sha256 differs from the map's manifest); restore the "
+                           "file, or rebuild the map (python -m runtime map build); python -m runtime map verify "
+                           f"--map {path.parents[2]} checks every segment")
+
+
+def segment_files(folder: Path, meta: dict):
+    """(path, manifest entry, description) of every file a version lists."""
+    for seg in meta["segments"]:
+        for name, entry in seg["files"].items():
+            yield segment_dir(folder, seg["name"]) / name, entry, f"segment {seg['name']}"
+    index = meta["index"]
+    for name, entry in index.get("files", {}).items():
+        yield training_dir(folder, index["training"]) / name, entry, f"index training {index['training']}"
+
+
+def read_names(path: Path, count: int) -> List[str]:
+    try:
+        names = json.loads("[" + ",".join(path.read_text().splitlines()) + "]")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MapError(f"{path}: unreadable names ({exc}); rebuild the map") from exc
+    if len(names) != count or not all(isinstance(n, str) for n in names):
+        raise MapError(f"{path}: {len(names)} names, the map says {count}; rebuild the map")
+    return names
+
+
+def load_map(folder: Union[str, Path], verify: str = "quick") -> PlaceMap:
+    """The current version of the map in ``folder``, with a reader's lease on it."""
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}")
+    folder = Path(folder)
+    lease = take_lease(folder)
+    try:
+        return _load(folder, lease, verify)
+    except BaseException:
+        lease.close()
+        raise
+
+
+def _load(folder: Path, lease: Lease, verify: str) -> PlaceMap:
+    meta = read_manifest(version_path(folder, lease.version))
+    for path, entry, what in segment_files(folder, meta):
+        _check_file(path, entry, verify, what)
+    dtype, d = meta["store_dtype"], meta["dim"]
+    stores, names, poses, local = [], [], [], []
+    try:
+        for seg in meta["segments"]:
+            where, n = segment_dir(folder, seg["name"]), seg["count"]
+            stores.append(open_rows(where / store_file(dtype), dtype, n, (d,)))
+            names.extend(read_names(where / "names.jsonl", n))
+            if "poses.npy" in seg["files"]:
+                poses.append(np.load(where / "poses.npy", allow_pickle=False))
+            if seg.get("local_shape"):
+                local.append(open_rows(where / "local.f16", "float16", n, seg["local_shape"]))
+        for extra in (poses, local):
+            if extra and len(extra) != len(stores):
+                raise MapError(f"{version_path(folder, lease.version)}: some segments have poses or local "
+                               "features and others not; rebuild the map")
+        descriptors = Rows(stores)
+        index = _assemble(folder, meta, descriptors)
+    except (OSError, ValueError, RuntimeError) as exc:  # faiss raises RuntimeError on a bad index
+        if isinstance(exc, MapError):
+            raise
+        raise MapError(f"{folder} ({lease.version}): unreadable map file ({exc}); rebuild the map") from exc
+    if index.ntotal != len(names):
+        raise MapError(f"{folder} ({lease.version}): {len(names)} names, {index.ntotal} indexed; rebuild the map")
+    return PlaceMap(folder, meta, lease.version, descriptors, names, index,
+                    np.concatenate(poses) if poses else None, Rows(local) if local else None, lease)
+
+
+def _assemble(folder: Path, meta: dict, descriptors: Rows) -> faiss.Index:
+    idx = meta["index"]
+    kind = idx["type"]
+    if kind in ("flat", "sqfp16"):
+        return filled_flat(kind, meta["dim"], (x for _, x in descriptors.chunks()))
+    where = training_dir(folder, idx["training"])
+    if kind == "hnsw":
+        index = faiss.read_index(str(where / "hnsw.faiss"))
+        index.hnsw.efSearch = 64
+        return index
+    trained = faiss.read_index(str(where / "trained.faiss"))
+    offsets = descriptors.offsets
+
+    def parts():
+        for s, seg in enumerate(meta["segments"]):
+            with np.load(where / f"{seg['name']}.npz", allow_pickle=False) as z:
+                yield int(offsets[s]), {"lists": z["lists"], "codes": z["codes"]}
+    return fill_ivfpq(trained, parts(), idx["params"])
+
+
+def verify_map(folder: Union[str, Path]) -> Tuple[str, List[str], int]:
+    """Hash every file of the current version: (version, problems, bytes hashed)."""
+    folder = Path(folder)
+    lease = take_lease(folder)
+    try:
+        meta = read_manifest(version_path(folder, lease.version))
+        problems, hashed = [], 0
+        for path, entry, what in segment_files(folder, meta):
+            try:
+                _check_file(path, entry, "full", what)
+                hashed += entry["size"]
+            except MapError as exc:
+                problems.append(str(exc))
+        return lease.version, problems, hashed
+    finally:
+        lease.close()
+
+
+def map_info(place_map: PlaceMap) -> Dict[str, object]:
+    m = place_map.meta
+    store = sum(s["files"][store_file(m["store_dtype"])]["size"] for s in m["segments"])
+    return {"folder": str(place_map.folder), "version": place_map.version, "count": len(place_map),
+            "dim": m["dim"], "index": m["index"]["type"], "index_bytes_estimate": m["index"]["bytes_estimate"],
+            "segments": len(m["segments"]), "store_dtype": m["store_dtype"], "store_bytes": store,
+            "model": m["bundle"]["model"], "precision": m["bundle"]["precision"], "weights": m["bundle"].get("weights"),
+            "poses": place_map.poses is not None, "local_features": place_map.local is not None,
+            "metadata": place_map.metadata}
