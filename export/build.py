@@ -39,7 +39,7 @@ from runtime.errors import OptionError, PathError
 from runtime.preprocess import list_images
 from runtime.trt_env import cuda_python_available, gpu_info, tensorrt_version
 
-from .bundle_writer import ENGINE, StagedBundle, parity, run_graph, stage_bundle
+from .bundle_writer import ENGINE, StagedBundle, graph_target, parity, run_graph, stage_bundle
 from .registry import ImageSize
 from .trt_check import TARGETS, find_problems
 
@@ -407,12 +407,12 @@ def _from_bundle(config: BuildConfig, staged: StagedBundle, backend: str) -> Tup
 def check_target(src: dict, folder: Path, installed: str) -> None:
     """Refuse a graph exported for a newer TensorRT than the installed one, or one the installed
     TensorRT's ONNX parser cannot take, with the command that re-exports it."""
-    graph_target = src.get("export", {}).get("target", "trt10")
+    exported_for = graph_target(src)
     problems = find_problems(folder / src["files"]["onnx"]["name"], installed)
-    if GENERATION.get(graph_target, 2) <= GENERATION[installed] and not problems:
+    if GENERATION.get(exported_for, 2) <= GENERATION[installed] and not problems:
         return
     why = f"; {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") if problems else ""
-    raise BundleError(f"{folder}: its graph was exported for {graph_target}, the installed TensorRT "
+    raise BundleError(f"{folder}: its graph was exported for {exported_for}, the installed TensorRT "
                       f"{tensorrt_version()} needs {installed}{why}. Re-export it where torch is: "
                       f"{reexport_command(src, folder, target=installed)}; then run --from-bundle on it here")
 
@@ -421,7 +421,7 @@ def reexport_command(src: dict, folder: Path, target: Optional[str] = None, prec
     """The build_engine command that exports ``src``'s model again (for another target or precision)."""
     m, w = src["model"], src.get("weights", {})
     precision = precision or src["precision"]
-    target = target or src.get("export", {}).get("target", "trt10")
+    target = target or graph_target(src)
     weights = "--random-weights" if w.get("random_weights") else f"--checkpoint {w.get('source', 'CHECKPOINT')}"
     pre = src["preprocessing"]
     size = pre.get("first_resize") or pre["size"]  # MegaLoc: the size asked for, before its rounding

@@ -84,13 +84,18 @@ def run_graph(path: Path, images: np.ndarray, split: Optional[dict] = None) -> n
     return session.run(["descriptor"], {"images": images})[0]
 
 
+def graph_target(manifest: dict) -> str:
+    """The TensorRT generation a bundle's graph was exported for (bundles that predate the field: trt10)."""
+    return manifest.get("export", {}).get("target", "trt10")
+
+
 def graph_checks(path: Path, manifest: dict) -> Dict[str, dict]:
     """onnx.checker, the static TensorRT check and, wherever TensorRT-RTX imports, TensorRT's own
     parser and ahead-of-time builder on the graph that ships (a TensorRT-RTX bundle's engine build
     is that check already)."""
     from .trt_rtx import rtx_check
 
-    target = manifest["export"]["target"]
+    target = graph_target(manifest)
     onnx.checker.check_model(str(path), full_check=True)
     ops = check_graph(str(path), target)
     checks = {"onnx_checker": {"full_check": True, "passed": True},

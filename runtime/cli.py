@@ -289,6 +289,7 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # the root handler of configure_logs would print each line again
 
 
 def cmd_localize(args) -> int:

@@ -76,7 +76,7 @@ def find_images(spec: Union[str, Path]) -> ImageList:
         root = Path(*fixed) if fixed else Path(".")
         files = [Path(p) for p in glob.glob(text, recursive=True) if _is_image(Path(p))]
     elif path.exists():
-        raise ImageListError(f"{path}: neither a folder, nor a list file ({', '.join(LIST_SUFFIXES)}), nor a glob")
+        raise ImageListError(f"{path}: not a folder, a list file ({', '.join(LIST_SUFFIXES)}) or a glob")
     else:
         raise ImageListError(f"{path}: no such folder, list file or glob")
     names = [relative_name(f, root) for f in files]
