@@ -64,7 +64,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
-        first = d.get("first_resize")
+        first = d["first_resize"] if "first_resize" in d else None  # not a dict: TypeError, as for the others
         return cls(size=tuple(int(v) for v in d["size"]), resize=d["resize"],
                    mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
                    first_resize=tuple(int(v) for v in first) if first is not None else None)
