@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, run_python, save, table
+from export.registry import parse_image_size  # noqa: E402
 from runtime.cli_util import ArgumentParser, run_cli  # noqa: E402
 
 IMAGES = ROOT / "data" / "vprbench_corridor" / "queries"
@@ -96,7 +97,7 @@ def main() -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="salad-dinov2-vitb14")
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=parse_image_size, default=None, metavar="N|HxW")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iterations", type=int, default=10)
@@ -106,7 +107,7 @@ def main() -> int:
     p.add_argument("--int8-method", default="minmax")
     args = p.parse_args()
     weights = ["--checkpoint", args.checkpoint] if args.checkpoint else ["--random-weights"]
-    size = ["--image-size", str(args.image_size)] if args.image_size else []
+    size = ["--image-size", "x".join(map(str, args.image_size))] if args.image_size else []
     rows, results = [], {}
     common = dict(root=str(ROOT), threads=args.threads, images=str(IMAGES), batch=args.batch,
                   warmup=args.warmup, iterations=args.iterations)

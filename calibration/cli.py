@@ -26,6 +26,7 @@ from runtime.files import atomic_write
 
 from .dataset import DEFAULT_COUNT, calibration_set
 from .quantize import METHODS
+from .report import TIE
 
 PARITY_IMAGES = 8  # calibration images the INT8 graph is compared on with the FP32 graph
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", required=True, type=Path)
     r.add_argument("--format", default="auto", choices=("auto", "ours", "gmberton", "vprbench"))
     r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--tie", type=float, default=TIE,
+                   help=f"FP32 scores closer than this are a tie for the agreement up to ties (default {TIE:g})")
     r.add_argument("--output", type=Path, help="also write the report JSON here")
     return p
 
@@ -104,7 +107,8 @@ def cmd_report(args) -> int:
     from .report import format_report, precision_report, write_report
 
     bundles = [load_bundle(b) for b in args.bundle]
-    report = precision_report(bundles, load_dataset(args.dataset, args.format), threads=args.threads)
+    report = precision_report(bundles, load_dataset(args.dataset, args.format), threads=args.threads,
+                              tie=args.tie)
     print(format_report(report))
     for path in write_report(report, bundles):
         print(f"written into {path}")

@@ -40,18 +40,13 @@ from runtime.preprocess import list_images
 from runtime.trt_env import cuda_python_available, gpu_info, tensorrt_version
 
 from .bundle_writer import ENGINE, StagedBundle, graph_target, parity, run_graph, stage_bundle
+from .registry import ImageSize
 from .trt_check import TARGETS, find_problems
 
 FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
 # TensorRT generations in order: a graph checked for one builds on the same or a later one
 GENERATION = {"trt8.5": 0, "trt8.6": 1, "trt10": 2, "trt11": 2}
-LAYOUTS = {
-    "salad": "L2([L2(token) (256), L2 per cluster of 128 channels x 64 clusters, channel-major: 256 + l*64 + k])",
-    "gem": "L2(GeM(p=3) over patch tokens)",
-    "selavpr": "descriptor: L2(GeM(p) of channel-L2 patch tokens); local_features: (H', W', 128) per-location L2",
-    "cricavpr": "L2(14 regions x C: [cls, 2x2 row-major, 3x3 row-major] after the cross-image encoder)",
-}
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
@@ -121,7 +116,7 @@ class BuildConfig:
     precision: Optional[str] = None
     backend: str = "auto"
     batch: Optional[BatchProfile] = None
-    image_size: Optional[int] = None
+    image_size: Optional[ImageSize] = None  # N, (H, W) or 'HxW'
     opset: Optional[int] = None
     target: Optional[str] = None
     split: bool = False
@@ -295,7 +290,7 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     specs = io_specs(staged.onnx)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "model": {**cfg.to_dict(), "layout": LAYOUTS[cfg.method]},
+        "model": cfg.to_dict(),
         "preprocessing": cfg.preprocessing.to_dict(),
         "precision": precision,
         "backend": backend,
@@ -428,9 +423,10 @@ def reexport_command(src: dict, folder: Path, target: Optional[str] = None, prec
     precision = precision or src["precision"]
     target = target or graph_target(src)
     weights = "--random-weights" if w.get("random_weights") else f"--checkpoint {w.get('source', 'CHECKPOINT')}"
-    size = src["preprocessing"]["size"]
+    pre = src["preprocessing"]
+    size = pre.get("first_resize") or pre["size"]  # MegaLoc: the size asked for, before its rounding
     parts = ["python export/build_engine.py", f"--model {m['name']}", weights, f"--precision {precision}",
-             f"--image-size {size[0]}" if size[0] == size[1] else "", f"--depth {m['depth']}" if m.get("depth") else "",
+             "--image-size " + (f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}"), f"--depth {m['depth']}" if m.get("depth") else "",
              "--split" if src.get("split") else "",
              "--calibration-images DIR" if precision == "int8" else "",
              f"--batch {src['batch']['min']}:{src['batch']['opt']}:{src['batch']['max']}",

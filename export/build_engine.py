@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: python export/build_engine.py
 
 from export.build import BatchProfile, BuildConfig, CalibrationConfig, TensorRTConfig, build_bundle  # noqa: E402
 from export.bundle_writer import summary_lines  # noqa: E402
+from export.registry import parse_image_size  # noqa: E402 (torch-free)
 from runtime import units  # noqa: E402
 from runtime.bundle import BACKENDS, PRECISIONS, load_bundle  # noqa: E402
 from runtime.cli_util import ArgumentParser, add_verbose, configure_logs, run_cli  # noqa: E402
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--checkpoint", metavar="PATH|URL", help="official checkpoint (or https:// URL, cached)")
     w.add_argument("--random-weights", action="store_true",
                    help="seeded random weights, labelled as such in the manifest: for tests and benchmarks")
-    p.add_argument("--image-size", type=int, help="square input size, multiple of 14 (default: the model's official one)")
+    p.add_argument("--image-size", type=parse_image_size, metavar="N|HxW",
+                   help="input size, square N or HxW, e.g. 240x320 (default: the model's official one; "
+                        "MegaLoc rounds each side to a multiple of 14 as its official code does)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands; the default from "
                         "--model); int8 (Q/DQ graph calibrated on --calibration-images). --from-bundle keeps the "

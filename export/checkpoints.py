@@ -1,18 +1,13 @@
 """Official checkpoints, read offline and mapped strictly onto our modules.
 
-Formats (detected from the keys, whatever the file is called):
+Each method module declares its official formats (``export/registry.py: CheckpointFormat``):
+how to recognise one from its keys, whatever the file is called, and where its tensors go. This
+module does the rest for all of them: reading the file safely, unwrapping containers, detecting
+the format (exactly one must match), and the strict load that names missing and unexpected keys.
 
-=============  ==================================================  ===============================
-format         keys                                                container
-=============  ==================================================  ===============================
-salad          ``backbone.model.<DINOv2>``, ``aggregator.*``       raw state_dict (dino_salad.ckpt)
-selavpr        ``backbone.*`` with ``adapter1``, ``LocalAdapt.*``  ``{'model_state_dict'}``, module.
-cricavpr       ``backbone.*`` with ``adapter``, ``encoder.*``      ``{'model_state_dict'}``, module.
-dinov2         official DINOv2 ``*.pth`` (has ``mask_token``)      raw state_dict
-timm-dinov2    timm DINOv2 weights (``reg_token``, no mask)        state_dict or .safetensors
-=============  ==================================================  ===============================
-
-Files are read with ``torch.load(weights_only=True)``: a pickle that would run code is refused.
+Files are read with ``torch.load(weights_only=True)`` (a pickle that would run code is refused)
+or, for ``.safetensors``, with ``safetensors.torch.load_file``, which holds no code at all.
+Nothing is downloaded unless an https:// URL is given.
 """
 from __future__ import annotations
 
@@ -22,7 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -31,8 +26,8 @@ from runtime.errors import UserError
 from runtime.files import atomic_write, sha256_file
 
 from .models.dinov2 import interpolate_pos_embed
+from .registry import checkpoint_formats
 
-FORMATS = ("salad", "selavpr", "cricavpr", "dinov2", "timm-dinov2")
 DEFAULT_CACHE = Path(os.environ.get("VPR_EDGE_CACHE", Path.home() / ".cache" / "vpr-edge")) / "checkpoints"
 
 
@@ -79,8 +74,12 @@ def read_state_dict(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
     """Tensors of a checkpoint file (container unwrapped, ``module.`` stripped) and the container name."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path)), "safetensors"
+        try:
+            return load_file(str(path)), "safetensors"
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here means "not a safe tensor file"
@@ -103,23 +102,23 @@ def read_state_dict(path: Path) -> Tuple[Dict[str, torch.Tensor], str]:
 
 
 def detect_format(sd: Dict[str, torch.Tensor]) -> str:
-    keys = set(sd)
-    if "aggregator.dust_bin" in keys and any(k.startswith("backbone.model.") for k in keys):
-        return "salad"
-    if any(".adapter1.D_fc1." in k for k in keys) and any(k.startswith("LocalAdapt.") for k in keys):
-        return "selavpr"
-    if any(".adapter.D_fc1." in k for k in keys) and any(k.startswith("encoder.layers.") for k in keys):
-        return "cricavpr"
-    if "cls_token" in keys and "blocks.0.attn.qkv.weight" in keys:
-        return "dinov2" if "mask_token" in keys else "timm-dinov2"
+    """The one registered format whose key pattern ``sd`` has."""
+    keys = frozenset(sd)
+    formats = checkpoint_formats()
+    found = [name for name, fmt in formats.items() if fmt.detect(keys)]
+    if len(found) == 1:
+        return found[0]
     sample = ", ".join(sorted(keys)[:6])
+    if found:  # a bug in the detectors, not in the file
+        raise RuntimeError(f"checkpoint matches several formats ({', '.join(found)}; keys e.g. {sample})")
     raise CheckpointError(f"unrecognised checkpoint format ({len(keys)} keys, e.g. {sample}); "
-                          f"supported formats: {', '.join(FORMATS)}")
+                          f"supported formats: {', '.join(formats)}")
 
 
-def _dinov2_to_timm(sd: Dict[str, torch.Tensor], grid: Tuple[int, int], registers: bool,
-                    official: bool) -> Dict[str, torch.Tensor]:
-    """DINOv2 backbone keys (official or timm layout) -> our timm model at ``grid``."""
+def dinov2_to_timm(sd: Dict[str, torch.Tensor], grid: Tuple[int, int], registers: bool,
+                   official: bool) -> Dict[str, torch.Tensor]:
+    """DINOv2 backbone keys (official or timm layout) -> our timm model at ``grid``; the position
+    embedding is resampled by the official rule (``interpolate_pos_embed``)."""
     out = {}
     for key, value in sd.items():
         if key == "mask_token":
@@ -137,35 +136,33 @@ def _dinov2_to_timm(sd: Dict[str, torch.Tensor], grid: Tuple[int, int], register
     return out
 
 
-def _split(sd: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+def route_keys(sd: Dict[str, torch.Tensor], cfg, backbone: str, head: Sequence[Tuple[str, str]] = (),
+               unused: Sequence[str] = (), official: bool = True) -> Dict[str, torch.Tensor]:
+    """Checkpoint tensors -> our ``VPRModel`` keys, the mapping every format is made of.
 
-
-def map_to_model(sd: Dict[str, torch.Tensor], fmt: str, cfg) -> Dict[str, torch.Tensor]:
-    """Checkpoint keys of format ``fmt`` -> our VPRModel keys (values converted where needed)."""
-    grid, reg = cfg.grid, cfg.registers
-    if fmt in ("dinov2", "timm-dinov2"):
-        backbone, head, rest = sd, {}, {}
-    elif fmt == "salad":
-        backbone, head = _split(sd, "backbone.model."), _split(sd, "aggregator.")
-        rest = {k: v for k, v in sd.items() if not k.startswith(("backbone.model.", "aggregator."))}
-    elif fmt in ("selavpr", "cricavpr"):
-        backbone = _split(sd, "backbone.")
-        head = {}
-        for k, v in sd.items():
-            if k == "aggregation.1.p":
-                head["gem.p"] = v
-            elif k.startswith("LocalAdapt."):
-                head["local." + k[len("LocalAdapt."):]] = v
-            elif k.startswith("encoder."):
-                head[k] = v
-        rest = {k: v for k, v in sd.items() if not k.startswith(("backbone.", "aggregation.1.p", "LocalAdapt.", "encoder."))}
-    else:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}")
-    mapped = {"backbone.vit." + k: v for k, v in _dinov2_to_timm(backbone, grid, reg, fmt != "timm-dinov2").items()}
-    mapped.update({"head." + k: v for k, v in head.items()})
-    mapped.update({"unmapped." + k: v for k, v in rest.items()})  # reported as unexpected
-    return mapped
+    * keys under the ``backbone`` prefix form a DINOv2 state dict (``dinov2_to_timm``) and go to
+      ``backbone.vit.*``;
+    * for each ``(checkpoint prefix, head prefix)`` pair of ``head``, matching keys go to
+      ``head.<head prefix><rest>``;
+    * ``unused``: exact keys the official forward never reads (dropped, and documented so);
+    * anything else is kept as ``unmapped.<key>`` and reported as unexpected by the strict load.
+    """
+    backbone_sd, out = {}, {}
+    for key, value in sd.items():
+        if key in unused:
+            continue
+        for src, dst in head:
+            if key.startswith(src):
+                out["head." + dst + key[len(src):]] = value
+                break
+        else:
+            if key.startswith(backbone):
+                backbone_sd[key[len(backbone):]] = value
+            else:
+                out["unmapped." + key] = value
+    for key, value in dinov2_to_timm(backbone_sd, cfg.grid, cfg.registers, official).items():
+        out["backbone.vit." + key] = value
+    return out
 
 
 def _listing(keys: Iterable[str], limit: int = 12) -> str:
@@ -209,6 +206,6 @@ def load_checkpoint(model: nn.Module, cfg, spec: str, cache_dir: Path = DEFAULT_
     if fmt not in cfg.checkpoint_formats:
         raise CheckpointError(f"{path}: this is a {fmt!r} checkpoint, but model {cfg.name} loads "
                               f"{' or '.join(repr(f) for f in cfg.checkpoint_formats)} checkpoints")
-    load_into(model, map_to_model(sd, fmt, cfg), fmt, str(path))
+    load_into(model, checkpoint_formats()[fmt].to_model(sd, cfg), fmt, str(path))
     return {"path": str(path), "source": spec, "format": fmt, "container": container,
             "sha256": sha256_file(path), "num_tensors": len(sd)}

@@ -27,7 +27,7 @@ from runtime.errors import OptionError, PathError
 from runtime.files import save_descriptors
 from runtime.preprocess import ImageDecodeError, list_images, preprocess_file
 
-from .registry import get_config, list_models
+from .registry import get_config, list_models, parse_image_size
 from .zoo import create_model
 
 
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights (seeded): for tests and benchmarks only, descriptors mean nothing")
     p.add_argument("--images", required=True, type=Path, help="folder of images (sorted by file name)")
     p.add_argument("--output", required=True, type=Path, help="descriptor file (.npy); names go to .txt beside it")
-    p.add_argument("--image-size", type=int, help="square input size (multiple of 14); default: the model's official size")
+    p.add_argument("--image-size", type=parse_image_size, metavar="N|HxW",
+                   help="input size, square N or HxW (e.g. 240x320); default: the model's official size")
     p.add_argument("--batch-size", type=int, default=16,
                    help="images per forward pass (default 16: CricaVPR's official test batch)")
     p.add_argument("--save-local", action="store_true", help="also save SelaVPR's local features (X.local.npy)")

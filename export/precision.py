@@ -6,8 +6,10 @@ weights and activations to FP16 and keep in FP32, behind Casts:
 
 * LayerNormalization and its decomposed form (FP16 LayerNorm overflows in large ViTs,
   NVIDIA/TensorRT#2564), attention softmax;
-* the whole Sinkhorn (FP16 ``exp`` overflows above 11; SALAD's scores do reach that);
-* every L2 normalisation chain (ReduceL2 -> Clip -> Expand -> Div), the GeM power means.
+* every L2 normalisation chain (ReduceL2 -> Clip -> Expand -> Div);
+* the modules each method declares (``Method.fp32_scopes`` in its ``export/models/`` file): the
+  whole Sinkhorn of SALAD and MegaLoc (FP16 ``exp`` overflows above 11; SALAD's scores do reach
+  that), the GeM power means, BoQ's LayerNorms when decomposed.
 
 Inputs and outputs stay FP32. The same island list pins layers to FP32 on TensorRT 8.5/8.6,
 where precision still comes from builder flags.
@@ -16,26 +18,34 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import List, Set
+from typing import List, Optional, Sequence, Set
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 ISLAND_OPS = {"LayerNormalization", "Softmax", "ReduceL2", "Pow"}
-ISLAND_SCOPES = re.compile(r"/(sinkhorn|norm\d*|gem)/")  # Sinkhorn, (decomposed) LayerNorms, GeM
 L2_CHAIN = ("Clip", "Expand", "Div")
 
 
-def fp32_island_nodes(model: onnx.ModelProto) -> List[str]:
-    """Names of the nodes that must compute in FP32."""
+def _scope_pattern(scopes: Optional[Sequence[str]]) -> "re.Pattern":
+    if scopes is None:  # every registered method's: a scope names one module, so they do not collide
+        from .registry import fp32_scopes
+        scopes = fp32_scopes()
+    return re.compile(r"/(" + "|".join(scopes) + r")/")
+
+
+def fp32_island_nodes(model: onnx.ModelProto, scopes: Optional[Sequence[str]] = None) -> List[str]:
+    """Names of the nodes that must compute in FP32: the island ops, L2 chains, and nodes under
+    one of ``scopes`` (module names; default: those of every registered method)."""
+    pattern = _scope_pattern(scopes)
     consumers = {}
     for node in model.graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     keep: Set[str] = set()
     for node in model.graph.node:
-        if node.op_type in ISLAND_OPS or ISLAND_SCOPES.search(node.name or ""):
+        if node.op_type in ISLAND_OPS or pattern.search(node.name or ""):
             keep.add(node.name)
         if node.op_type == "ReduceL2":  # follow F.normalize: norm -> clamp -> expand -> divide
             frontier = list(node.output)
@@ -66,16 +76,17 @@ def _retype_attributes(node: onnx.NodeProto) -> None:
             a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP16 graph with FP32 islands and FP32 I/O: weights of FP16 nodes are stored in FP16, and a
-    Cast is inserted on every float edge that crosses between the two precisions."""
+def to_fp16(model: onnx.ModelProto, scopes: Optional[Sequence[str]] = None) -> onnx.ModelProto:
+    """FP16 graph with FP32 islands (``fp32_island_nodes``) and FP32 I/O: weights of FP16 nodes are
+    stored in FP16, and a Cast is inserted on every float edge that crosses between the two
+    precisions."""
     model = copy.deepcopy(model)
     g = model.graph
     for i, node in enumerate(g.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     floats = _float_tensors(model)
-    fp32_nodes = set(fp32_island_nodes(model))
+    fp32_nodes = set(fp32_island_nodes(model, scopes))
     half = {n.name: n.name not in fp32_nodes for n in g.node}
     consumers: dict = {}
     for n in g.node:

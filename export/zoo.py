@@ -8,41 +8,17 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .checkpoints import DEFAULT_CACHE, load_checkpoint
-from .models.cricavpr import CricaBlock, CricaVPRHead
-from .models.dinov2 import DinoV2Backbone
-from .models.gem import GeMHead
-from .models.salad import SALAD
-from .models.selavpr import SelaBlock, SelaVPRHead
 from .models.vpr_model import VPRModel
-from .registry import ModelConfig, get_config
+from .registry import ImageSize, ModelConfig, get_config
 
 
 def build_module(cfg: ModelConfig) -> VPRModel:
     """The architecture of ``cfg`` with freshly initialised weights, in eval mode."""
-    grid = cfg.grid
-    wrapper = None
-    if cfg.method == "selavpr":
-        wrapper = SelaBlock
-    elif cfg.method == "cricavpr":
-        wrapper = lambda block: CricaBlock(block, grid)  # noqa: E731
-    backbone = DinoV2Backbone(cfg.arch, cfg.image_size, registers=cfg.registers, depth=cfg.depth,
-                              block_wrapper=wrapper)
-    dim = backbone.dim
-    if cfg.method == "gem":
-        head = GeMHead()
-    elif cfg.method == "salad":
-        head = SALAD(num_channels=dim, num_patches=backbone.num_patches)
-    elif cfg.method == "selavpr":
-        head = SelaVPRHead(dim, grid)
-    elif cfg.method == "cricavpr":
-        head = CricaVPRHead(dim, grid, mode=cfg.batch_mode)
-    else:
-        raise ValueError(f"unknown method {cfg.method!r}")
-    return VPRModel(backbone, head).eval()
+    return cfg.spec.build(cfg).eval()
 
 
 def create_model(model: Union[str, ModelConfig], checkpoint: Optional[str] = None,
-                 random_weights: bool = False, seed: int = 0, image_size: Optional[int] = None,
+                 random_weights: bool = False, seed: int = 0, image_size: Optional[ImageSize] = None,
                  depth: Optional[int] = None, cache_dir: Path = DEFAULT_CACHE) -> Tuple[VPRModel, ModelConfig, dict]:
     """Build a model and load its weights. Returns (model, config, weights info for manifests).
 

@@ -1,6 +1,6 @@
 """Image preprocessing, bit-compatible with the official VPR code, in numpy + Pillow.
 
-Two resize modes cover the models we ship (see tests/fixtures/reference/README.md):
+Four resize modes cover the models we ship (see tests/fixtures/reference/README.md):
 
 * ``pil_bilinear`` (SALAD ``eval.py:input_transform``): ``PIL.Image.resize((W, H), BILINEAR)``,
   which Pillow antialiases, then /255 and ImageNet normalisation.
@@ -8,6 +8,16 @@ Two resize modes cover the models we ship (see tests/fixtures/reference/README.m
   /255, normalisation, *then* a bilinear resize of the float tensor with ``align_corners=False``
   and no antialias. torchvision >= 0.17 switched tensor resizes to antialias=True; the official
   models were trained and evaluated without it.
+* ``tensor_bilinear_antialias`` (MegaLoc through VPR-methods-evaluation): /255, normalisation,
+  then an *antialiased* bilinear resize of the float tensor. MegaLoc's own ``forward`` then
+  resizes again, the same way, to the nearest multiples of 14: ``first_resize`` records the
+  evaluation's size when that second step is not a no-op (240x320 -> 238x322).
+* ``tensor_bicubic_antialias`` (BoQ's README transform): /255, an antialiased bicubic resize of
+  the [0, 1] float tensor (Keys a = -0.5, PIL's filter; overshoot is *not* clamped), *then*
+  normalisation.
+
+TensorRT has no antialiased resize, so these run here, on the CPU, before the engine; the
+antialiased kernels reproduce PyTorch's ``F.interpolate(antialias=True)`` (CPU) to about 1e-6.
 
 The export side feeds the PyTorch models through this module too, so deployment and reference
 see exactly the same tensors.
@@ -17,7 +27,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,7 +36,7 @@ from .errors import PathError, UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RESIZE_MODES = ("pil_bilinear", "tensor_bilinear")
+RESIZE_MODES = ("pil_bilinear", "tensor_bilinear", "tensor_bilinear_antialias", "tensor_bicubic_antialias")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -38,18 +48,26 @@ class Preprocessing:
     resize: str = "pil_bilinear"
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+    first_resize: Optional[Tuple[int, int]] = None  # (height, width) resized to before ``size``
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {self.resize!r}; expected one of {RESIZE_MODES}")
+        if self.first_resize is not None and self.resize != "tensor_bilinear_antialias":
+            raise ValueError(f"first_resize is only defined for tensor_bilinear_antialias, not {self.resize!r}")
 
     def to_dict(self) -> dict:
-        return {"size": list(self.size), "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        d = {"size": list(self.size), "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        if self.first_resize is not None:
+            d["first_resize"] = list(self.first_resize)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        first = d["first_resize"] if "first_resize" in d else None  # not a dict: TypeError, as for the others
         return cls(size=tuple(int(v) for v in d["size"]), resize=d["resize"],
-                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]))
+                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+                   first_resize=tuple(int(v) for v in first) if first is not None else None)
 
 
 class ImageDecodeError(UserError, ValueError):
@@ -137,6 +155,70 @@ def resize_bilinear_chw(chw: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
+def _triangle(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+def _keys_cubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    """Keys' cubic convolution kernel; a = -0.5 is PIL's (and PyTorch's antialiased) bicubic."""
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+# filter, half-width in input pixels at scale 1 (PyTorch's interp_size / 2)
+_AA_FILTERS = {"bilinear": (_triangle, 1.0), "bicubic": (_keys_cubic, 2.0)}
+
+
+def _antialias_taps(in_size: int, out_size: int, kernel: Callable[[np.ndarray], np.ndarray],
+                    half_width: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights (out_size, taps) of PyTorch's antialiased CPU resize, which is
+    PIL's separable convolution: on a down-scale the kernel is stretched by the scale so that it
+    averages every source pixel it covers; weights are normalised per output pixel. The float32 /
+    float64 mix follows PyTorch's kernel for float32 tensors (within 1-2 ulp)."""
+    f32, f64 = np.float32, np.float64
+    scale = f32(in_size) / f32(out_size)
+    support = f32(half_width * f64(scale)) if scale >= 1 else f32(half_width)
+    invscale = f32(1.0 / f64(scale)) if scale >= 1 else f32(1.0)
+    center = (f64(scale) * (np.arange(out_size) + 0.5)).astype(f32)
+    first = np.maximum(((center - support).astype(f64) + 0.5).astype(np.int64), 0)
+    count = np.minimum(((center + support).astype(f64) + 0.5).astype(np.int64), in_size) - first
+    taps = np.arange(int(count.max()))
+    src = (taps[None, :] + first[:, None]).astype(f32)
+    arg = (((src - center[:, None]).astype(f64) + 0.5) * f64(invscale)).astype(f32)
+    weights = np.where(taps[None, :] < count[:, None], kernel(arg.astype(f64)).astype(f32), f32(0.0))
+    total = np.zeros(out_size, f32)
+    for k in range(weights.shape[1]):  # PyTorch sums the weights in tap order
+        total += weights[:, k]
+    weights = (weights / np.where(total == 0, f32(1.0), total)[:, None]).astype(f32)
+    return np.minimum(taps[None, :] + first[:, None], in_size - 1), weights
+
+
+def _resample_rows(chw: np.ndarray, index: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    out = chw[:, index[:, 0], :] * weights[:, 0][None, :, None]
+    for k in range(1, index.shape[1]):
+        out += chw[:, index[:, k], :] * weights[:, k][None, :, None]
+    return out
+
+
+def resize_antialias_chw(chw: np.ndarray, size: Tuple[int, int], mode: str) -> np.ndarray:
+    """Antialiased ``mode`` ('bilinear' or 'bicubic') resize of a float32 CHW array, equal to
+    ``F.interpolate(x[None], size, mode=mode, align_corners=False, antialias=True)[0]`` on the
+    CPU within ~2e-6. Width first, then height, as PyTorch does; no clamping."""
+    kernel, half_width = _AA_FILTERS[mode]
+    h_out, w_out = size
+    out = chw.astype(np.float32, copy=False)
+    if out.shape[2] != w_out:  # resample columns as rows of the transposed array (contiguous gathers)
+        taps = _antialias_taps(out.shape[2], w_out, kernel, half_width)
+        cols = _resample_rows(np.ascontiguousarray(out.transpose(0, 2, 1)), *taps)
+        out = np.ascontiguousarray(cols.transpose(0, 2, 1))
+    if out.shape[1] != h_out:
+        out = _resample_rows(out, *_antialias_taps(out.shape[1], h_out, kernel, half_width))
+    return out if out is not chw else chw.copy()
+
+
 def preprocess_image(img: Image.Image, pre: Preprocessing) -> np.ndarray:
     """RGB PIL image -> normalised float32 CHW array of ``pre.size``."""
     h, w = pre.size
@@ -144,8 +226,14 @@ def preprocess_image(img: Image.Image, pre: Preprocessing) -> np.ndarray:
         if img.size != (w, h):
             img = img.resize((w, h), Image.BILINEAR)
         return _normalise(_to_chw_float(img), pre.mean, pre.std)
+    if pre.resize == "tensor_bicubic_antialias":  # resize on [0, 1], then normalise
+        return _normalise(resize_antialias_chw(_to_chw_float(img), (h, w), "bicubic"), pre.mean, pre.std)
     chw = _normalise(_to_chw_float(img), pre.mean, pre.std)
-    return resize_bilinear_chw(chw, (h, w))
+    if pre.resize == "tensor_bilinear":
+        return resize_bilinear_chw(chw, (h, w))
+    if pre.first_resize is not None:  # MegaLoc: the evaluation's resize, then the model's own
+        chw = resize_antialias_chw(chw, pre.first_resize, "bilinear")
+    return resize_antialias_chw(chw, (h, w), "bilinear")
 
 
 def preprocess_file(path: Union[str, Path], pre: Preprocessing) -> np.ndarray:

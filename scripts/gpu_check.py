@@ -33,7 +33,8 @@ from runtime.preprocess import list_images, preprocess_file  # noqa: E402
 from runtime.trt_env import gpu_info, tensorrt_version  # noqa: E402
 
 DEFAULT_MODELS = ["gem-dinov2-vits14", "gem-dinov2-vitb14-reg", "salad-dinov2-vitb14", "selavpr-dinov2-vitl14",
-                  "cricavpr-dinov2-vitb14", "cricavpr-dinov2-vitb14-independent"]
+                  "cricavpr-dinov2-vitb14", "cricavpr-dinov2-vitb14-independent", "megaloc-dinov2-vitb14",
+                  "boq-dinov2-vitb14"]
 THRESHOLDS = {"fp32": 0.9999, "fp16": 0.999}  # min cosine vs PyTorch (CUDA, FP32)
 
 

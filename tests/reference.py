@@ -32,12 +32,22 @@ def rebuild_state_dict(model: str) -> dict:
     return sd
 
 
-def save_official_checkpoint(model: str, path: Path) -> Path:
-    """Write the rebuilt weights in the official container of ``model``."""
+def save_official_checkpoint(model: str, path: Path, legacy: bool = False) -> Path:
+    """Write the rebuilt weights in the official container of ``model``. MegaLoc: the Hugging Face
+    safetensors file, or with ``legacy`` the GitHub v1.0 ``megaloc.torch`` layout (keys
+    ``backbone.model.*`` plus the unused ``mask_token``, drawn by the same weight rule)."""
     import torch
 
     sd = rebuild_state_dict(model)
-    if model == "salad":
+    if model == "megaloc" and not legacy:
+        from safetensors.torch import save_file
+        save_file(sd, str(path))
+    elif model == "megaloc":
+        sd = {k.replace("backbone.", "backbone.model.", 1): v for k, v in sd.items()}
+        rng = np.random.RandomState(zlib.crc32(b"backbone.model.mask_token"))
+        sd["backbone.model.mask_token"] = torch.from_numpy((rng.standard_normal((1, 768)) * 0.02).astype("float32"))
+        torch.save(sd, path)
+    elif model in ("salad", "boq"):  # raw state_dict
         torch.save(sd, path)
     else:  # SelaVPR / CricaVPR: DataParallel keys inside {'model_state_dict'}
         torch.save({"model_state_dict": {"module." + k: v for k, v in sd.items()}}, path)

@@ -211,3 +211,80 @@ def test_tensorrt_fp16_engine_matches_onnxruntime(small_bundle, tmp_path):
     trt_out = open_backend(bundle).run(x)["descriptor"]
     ort_out = open_backend(load_bundle(fp32)).run(x)["descriptor"]
     assert cosine(trt_out, ort_out).min() >= 0.999
+
+
+def _standard_ops_only(graph) -> None:
+    """Only default-domain ONNX ops, each on the TensorRT parser's list (no fused fast-path or
+    contrib ops such as com.microsoft Attention)."""
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}
+    assert find_problems(graph, "trt10") == []
+
+
+def test_boq_bundle_reproduces_official_descriptors_with_standard_ops_and_folded_queries(tmp_path):
+    ckpt = save_official_checkpoint("boq", tmp_path / "dinov2_12288.pth")
+    out = tmp_path / "boq-fp32"
+    proc = build("--model", "boq-dinov2-vitb14", "--checkpoint", str(ckpt), "--precision", "fp32",
+                 "--batch", "1:4:12", "--output", str(out), "--skip-parity")
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    assert m["weights"]["format"] == "boq-dinov2" and m["preprocessing"]["resize"] == "tensor_bicubic_antialias"
+    assert m["model"]["layout"].startswith("L2(fc over the 2 x 64 query outputs")
+    graph = onnx.load(str(bundle.file("onnx")))
+    _standard_ops_only(graph)
+    # the queries' self-attention and norm_q depend on no input: folded to constants
+    assert not [n.name for n in graph.graph.node if "/self_attn/" in n.name and "/encoder/" not in n.name]
+    assert not [n.name for n in graph.graph.node if "/norm_q/" in n.name]
+    assert sum(n.op_type == "Softmax" for n in graph.graph.node) == 12 + 2 * 2  # backbone + encoder/cross per block
+    x = np.stack([preprocess_file(image_path(f), bundle.preprocessing) for f in spec("boq")["images"]["files_in_batch_order"]])
+    desc = open_backend(bundle, threads=2).run(x)["descriptor"]
+    assert np.abs(desc - fixture("boq", "descriptors.npy")).max() <= 1e-4
+    import onnxruntime as ort
+    fp16 = tmp_path / "boq-fp16.onnx"
+    onnx.save(to_fp16(graph), str(fp16))
+    half = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"]).run(["descriptor"], {"images": x})[0]
+    assert cosine(half, fixture("boq", "descriptors.npy")).min() >= 0.999
+
+
+@pytest.mark.slow
+def test_megaloc_non_square_bundle_reproduces_official_native_descriptors(tmp_path):
+    """MegaLoc at the corridor images' native 120x160, which the model rounds to 126x154 (a 9x11
+    grid): the bundle gets the rounded size and records the evaluation's size for preprocessing.
+    The 141M-parameter Linear goes into the FP16 graph like the rest."""
+    ckpt = save_official_checkpoint("megaloc", tmp_path / "model.safetensors")
+    out = tmp_path / "megaloc-fp32"
+    proc = build("--model", "megaloc-dinov2-vitb14", "--checkpoint", str(ckpt), "--precision", "fp32",
+                 "--image-size", "120x160", "--batch", "1:2:6", "--output", str(out), "--skip-parity")
+    assert proc.returncode == 0, proc.stderr
+    bundle = load_bundle(out)
+    m = bundle.manifest
+    assert m["inputs"]["images"]["shape"] == ["batch", 3, 126, 154]
+    assert m["preprocessing"]["size"] == [126, 154] and m["preprocessing"]["first_resize"] == [120, 160]
+    assert m["weights"]["format"] == "megaloc"
+    graph = onnx.load(str(bundle.file("onnx")))
+    _standard_ops_only(graph)
+    files = spec("megaloc")["images"]["native_corridor_files_in_batch_order"]
+    x = np.stack([preprocess_file(image_path(f), bundle.preprocessing) for f in files])
+    expected = fixture("megaloc", "descriptors_native_corridor.npy")
+    assert np.abs(open_backend(bundle, threads=2).run(x)["descriptor"] - expected).max() <= 1e-4
+    import onnxruntime as ort
+    half_graph = to_fp16(graph)
+    linear = [i for i in half_graph.graph.initializer if tuple(i.dims) == (16640, 8448) or tuple(i.dims) == (8448, 16640)]
+    assert linear and all(i.data_type == TensorProto.FLOAT16 for i in linear)
+    onnx.save(half_graph, str(tmp_path / "megaloc-fp16.onnx"))
+    half = ort.InferenceSession(str(tmp_path / "megaloc-fp16.onnx"), providers=["CPUExecutionProvider"]).run(
+        ["descriptor"], {"images": x})[0]
+    assert cosine(half, expected).min() >= 0.999
+
+
+def test_image_size_errors_are_one_line_saying_which_sizes_work(tmp_path):
+    proc = build("--model", "salad-dinov2-vitb14", "--random-weights", "--image-size", "320", "--output", str(tmp_path / "b"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: salad-dinov2-vitb14 cannot take 320x320: it takes H and W that are multiples of the patch size 14 "
+        "and give more than 64 patches (e.g. 322 or 224x308)")
+    proc = build("--model", "megaloc-dinov2-vitb14", "--random-weights", "--image-size", "64x32", "--output", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "rounded to 70x28: 10 patches" in proc.stderr and "more patches than its 64 clusters" in proc.stderr
+    proc = build("--model", "gem-dinov2-vits14", "--random-weights", "--image-size", "240by320", "--output", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "expected N (square) or HxW" in proc.stderr
+    assert not (tmp_path / "b").exists()

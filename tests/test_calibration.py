@@ -104,7 +104,33 @@ def test_precision_report_agreement_and_cosine(bundles, tmp_path):
     rows = {r["precision"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["fp16"]["cosine_to_fp32"]["min"] >= 0.999 and rows["fp16"]["top1_agreement"] >= 0.98
     assert rows["int8"]["cosine_to_fp32"]["p1"] >= 0.999 and rows["int8"]["top1_agreement"] >= 0.95
+    for row in rows.values():
+        assert row["top1_agreement_within_tie"] >= row["top1_agreement"]
+        assert len(row["top1_disagreements"]) == round((1 - row["top1_agreement"]) * 111)
     assert (bundles / "int8" / "precision_report.json").is_file()
+
+
+def test_agreement_up_to_ties_forgives_only_a_near_tie_that_fp32_broke():
+    from calibration.report import top1_agreement
+    from runtime.evaluate import retrieve
+
+    rng = np.random.default_rng(0)
+
+    def unit(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    db = unit(rng.standard_normal((6, 32)))
+    # query 0 sits between db 0 and db 1 (FP32 prefers db 0 by ~2e-6); query 1 is db 2 plus noise
+    q = unit(np.stack([db[0] + db[1] + 4e-6 * db[0], db[2] + 0.3 * rng.standard_normal(32)]))
+    top2 = retrieve(q.astype(np.float32), db.astype(np.float32), 2)
+    assert list(top2[:, 0]) == [0, 2]
+    flipped = top1_agreement(q, db, top2, np.array([1, 2]))  # the near tie broken the other way
+    assert flipped["strict"] == 0.5 and flipped["within_tie"] == 1.0
+    (d,) = flipped["disagreements"]
+    assert d["query"] == 0 and 0 < d["fp32_margin"] == d["fp32_gap"] < 1e-5
+    wrong = top1_agreement(q, db, top2, np.array([0, 3]))  # a clearly worse match is no tie
+    assert wrong["strict"] == 0.5 and wrong["within_tie"] == 0.5 and wrong["disagreements"][0]["fp32_gap"] > 1e-2
+    assert top1_agreement(q, db, top2, np.array([1, 2]), tie=1e-7)["within_tie"] == 0.5
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile"])

@@ -111,3 +111,74 @@ def test_url_checkpoint_is_downloaded_once_with_its_hash(tmp_path):
     got.write_bytes(b"corrupted")
     assert fetch_checkpoint(src.as_uri(), cache).read_bytes() == src.read_bytes()  # hash mismatch: fetched again
     assert sorted(p.name for p in cache.iterdir()) == ["release.pth", "release.pth.sha256"]
+
+
+def _boq_official_state_dict(depth: int) -> dict:
+    """A BoQ state_dict in the released dinov2_12288.pth layout (backbone.dino.*, aggregator.*),
+    from a reduced-depth model, with the keys the official forward never reads."""
+    torch.manual_seed(2)
+    src = build_module(get_config("boq-dinov2-vitb14", image_size=518, depth=depth))
+    sd = {}
+    for k, v in src.state_dict().items():
+        if k.startswith("backbone.vit."):
+            sd["backbone.dino." + k[len("backbone.vit."):]] = v.clone()
+        else:
+            sd["aggregator." + k[len("head."):]] = v.clone()
+    sd["backbone.dino.mask_token"] = torch.zeros(1, 768)
+    sd["backbone.dino.norm.weight"], sd["backbone.dino.norm.bias"] = torch.ones(768), torch.zeros(768)
+    return sd
+
+
+def test_boq_release_layout_loads_strictly_with_the_official_pos_embed_rule(tmp_path):
+    sd = _boq_official_state_dict(depth=1)
+    torch.save(sd, tmp_path / "dinov2_12288.pth")
+    model, cfg, info = create_model("boq-dinov2-vitb14", checkpoint=str(tmp_path / "dinov2_12288.pth"), depth=1)
+    assert (info["format"], info["container"]) == ("boq-dinov2", "state_dict")
+    got = model.state_dict()
+    torch.testing.assert_close(got["backbone.vit.pos_embed"],
+                               interpolate_pos_embed(sd["backbone.dino.pos_embed"], cfg.grid, registers=False))
+    torch.testing.assert_close(got["head.boqs.0.queries"], sd["aggregator.boqs.0.queries"])
+    torch.testing.assert_close(got["head.proj_c.weight"], sd["aggregator.proj_c.weight"])
+
+
+def test_checkpoint_of_another_size_names_format_missing_unexpected_and_shapes(tmp_path):
+    sd = _boq_official_state_dict(depth=1)
+    sd["aggregator.fc.weight"] = torch.zeros(16, 128)  # another output size
+    torch.save(sd, tmp_path / "boq.pth")
+    with pytest.raises(CheckpointError) as err:
+        create_model("boq-dinov2-vitb14", checkpoint=str(tmp_path / "boq.pth"), depth=2)
+    msg = str(err.value)
+    assert "format detected: boq-dinov2" in msg and "missing" in msg and "backbone.vit.blocks.1.attn.qkv.weight" in msg
+    assert "head.fc.weight: checkpoint (16, 128) vs model (32, 128)" in msg
+    sd["aggregator.fc.weight"] = torch.zeros(32, 128)
+    sd["epoch_stats"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "boq2.pth")
+    with pytest.raises(CheckpointError, match=r"boq-dinov2\) does not match the model; unexpected 1 keys: unmapped\.epoch_stats$"):
+        create_model("boq-dinov2-vitb14", checkpoint=str(tmp_path / "boq2.pth"), depth=1)
+
+
+def test_checkpoint_of_another_method_is_refused_with_its_detected_format(tmp_path):
+    torch.save(_boq_official_state_dict(depth=1), tmp_path / "boq.pth")
+    with pytest.raises(CheckpointError, match="'boq-dinov2' checkpoint, but model megaloc-dinov2-vitb14 loads "
+                                              "'megaloc' or 'megaloc-legacy'"):
+        create_model("megaloc-dinov2-vitb14", checkpoint=str(tmp_path / "boq.pth"), depth=1)
+
+
+def test_megaloc_formats_are_told_apart_by_their_keys():
+    agg = {"aggregator.agg.dust_bin": 0, "aggregator.linear.weight": 0, "aggregator.linear.bias": 0}
+    assert detect_format({"backbone.cls_token": 0, "backbone.blocks.0.attn.qkv.weight": 0, **agg}) == "megaloc"
+    assert detect_format({"backbone.model.cls_token": 0, "backbone.model.mask_token": 0, **agg}) == "megaloc-legacy"
+    salad = {"backbone.model.cls_token": 0, "aggregator.dust_bin": 0}
+    assert detect_format(salad) == "salad"
+    assert detect_format({"backbone.dino.cls_token": 0, "aggregator.boqs.0.queries": 0}) == "boq-dinov2"
+
+
+def test_safetensors_files_load_offline_and_bad_ones_are_named(tmp_path):
+    from safetensors.torch import save_file
+    sd = {k: v.contiguous() for k, v in _official_dinov2_state_dict(depth=1, registers=False).items() if k != "mask_token"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    _, _, info = create_model("gem-dinov2-vits14", checkpoint=str(tmp_path / "model.safetensors"), depth=1)
+    assert (info["format"], info["container"]) == ("timm-dinov2", "safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
+    with pytest.raises(CheckpointError, match="broken.safetensors: not a readable safetensors file"):
+        read_state_dict(tmp_path / "broken.safetensors")

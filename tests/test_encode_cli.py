@@ -63,3 +63,16 @@ def test_encode_errors_are_clear(tmp_path):
     assert proc.returncode == 2 and "no images found" in proc.stderr
     proc = _run("--model", "gem-dinov2-vits14", "--images", str(tmp_path), "--output", str(tmp_path / "x.npy"))
     assert proc.returncode == 2 and "--checkpoint" in proc.stderr
+
+
+def test_encode_refuses_a_size_the_model_cannot_take_in_one_line(tmp_path):
+    proc = _run("--model", "megaloc-dinov2-vitb14", "--random-weights", "--image-size", "64x32",
+                "--images", str(tmp_path), "--output", str(tmp_path / "x.npy"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "error: megaloc-dinov2-vitb14 cannot take 64x32 (rounded to 70x28: 10 patches): it takes any H and W, "
+        "each rounded to the nearest multiple of 14 as the official model does (240x320 -> 238x322), with more "
+        "patches than its 64 clusters (e.g. 126x126: 81 patches)")
+    proc = _run("--model", "boq-dinov2-vitb14", "--random-weights", "--image-size", "x",
+                "--images", str(tmp_path), "--output", str(tmp_path / "x.npy"))
+    assert proc.returncode == 2 and "expected N (square) or HxW" in proc.stderr

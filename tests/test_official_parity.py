@@ -1,6 +1,6 @@
 """Our models, loaded from checkpoints in the official containers, reproduce the outputs of the
-official SALAD, SelaVPR and CricaVPR code (tests/fixtures/reference). Full-size models: these are
-the only tests that need them. Tolerances are the fixture README's."""
+official SALAD, SelaVPR, CricaVPR, MegaLoc and BoQ code (tests/fixtures/reference). Full-size
+models: these are the only tests that need them. Tolerances are the fixture README's."""
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,14 @@ def _maxabs(a, b) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
-def _load(model_name: str, fixture_name: str, tmp_path_factory) -> tuple:
-    ckpt = save_official_checkpoint(fixture_name, tmp_path_factory.mktemp(fixture_name) / "official.ckpt")
+PHOTO = Path(__file__).parent / "fixtures/reference/preprocessing/vprbench_oneimage_query_0000000.jpg"
+
+
+def _load(model_name: str, fixture_name: str, tmp_path_factory, file_name: str = "official.ckpt",
+          fmt: str = "") -> tuple:
+    ckpt = save_official_checkpoint(fixture_name, tmp_path_factory.mktemp(fixture_name) / file_name)
     model, cfg, info = create_model(model_name, checkpoint=str(ckpt))
-    assert info["format"] == fixture_name
+    assert info["format"] == (fmt or fixture_name)
     return model, cfg
 
 
@@ -44,6 +48,24 @@ def selavpr(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cricavpr(tmp_path_factory):
     return _load("cricavpr-dinov2-vitb14", "cricavpr", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def megaloc_checkpoint(tmp_path_factory) -> Path:
+    """The Hugging Face container: model.safetensors."""
+    return save_official_checkpoint("megaloc", tmp_path_factory.mktemp("megaloc") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def megaloc(megaloc_checkpoint):
+    model, cfg, info = create_model("megaloc-dinov2-vitb14", checkpoint=str(megaloc_checkpoint))
+    assert (info["format"], info["container"]) == ("megaloc", "safetensors")
+    return model, cfg
+
+
+@pytest.fixture(scope="module")
+def boq(tmp_path_factory):
+    return _load("boq-dinov2-vitb14", "boq", tmp_path_factory, "dinov2_12288.pth", fmt="boq-dinov2")
 
 
 def test_salad_matches_official(salad):
@@ -122,14 +144,97 @@ def test_cricavpr_batched_and_independent_match_official(cricavpr):
     assert _maxabs(independent, fixture("cricavpr", "descriptors_single.npy")) <= 1e-6
 
 
-def test_downscaled_photo_through_every_model(salad, selavpr, cricavpr):
-    """The photo is larger than every input: this is where antialiasing (PIL on, tensor off) counts."""
-    photo = Path(__file__).parent / "fixtures/reference/preprocessing/vprbench_oneimage_query_0000000.jpg"
+def test_downscaled_photo_through_every_model(salad, selavpr, cricavpr, megaloc, boq):
+    """The photo is larger than every input: this is where antialiasing (PIL on, Lu-Feng's tensor
+    resize off, MegaLoc's and BoQ's tensor resizes on) counts."""
     for (model, cfg), expected in ((salad, "salad_descriptor_322.npy"), (selavpr, "selavpr_global_224.npy"),
-                                   (cricavpr, "cricavpr_descriptor_single_224.npy")):
-        x = preprocess_file(photo, cfg.preprocessing)[None]
-        ref_input = {"salad": "salad_input_322.npy"}.get(cfg.method, "lufeng_input_224.npy")
+                                   (cricavpr, "cricavpr_descriptor_single_224.npy"),
+                                   (megaloc, "megaloc_descriptor_322.npy"), (boq, "boq_descriptor_322.npy")):
+        x = preprocess_file(PHOTO, cfg.preprocessing)[None]
+        ref_input = {"salad": "salad_input_322.npy", "megaloc": "megaloc_input_322.npy",
+                     "boq": "boq_input_322.npy"}.get(cfg.method, "lufeng_input_224.npy")
         assert _maxabs(x, fixture("preprocessing", ref_input)) <= 1e-5
         with torch.no_grad():
             desc = model(torch.from_numpy(x))["descriptor"].numpy()  # batch of 1: CricaVPR single mode
         assert _maxabs(desc, fixture("preprocessing", expected)) <= 1e-6
+
+
+def test_megaloc_matches_official(megaloc):
+    model, cfg = megaloc
+    s = spec("megaloc")
+    files = s["images"]["files_in_batch_order"]
+    inter = [files.index(f) for f in s["intermediate_images"]]
+    x = _batch(files, cfg)
+    assert _maxabs(x[inter], fixture("megaloc", "input_tensors.npy")) <= 1e-5
+    head = model.head
+    with torch.no_grad():
+        cls, patches = model.backbone(torch.from_numpy(x))
+        log_plan = head.agg.sinkhorn(head.agg.scores(patches), head.agg.dust_bin)
+        pre_linear = head.agg(cls, patches)["descriptor"]
+        linear = head.linear(pre_linear)
+        desc = model(torch.from_numpy(x))["descriptor"].numpy()
+    gh, gw = cfg.grid
+    patch_map = patches[inter].numpy().transpose(0, 2, 1).reshape(len(inter), -1, gh, gw)
+    assert _maxabs(cls[inter], fixture("megaloc", "backbone_cls_token.npy")) <= 1e-4
+    assert _maxabs(patch_map, fixture("megaloc", "backbone_patch_map.npy")) <= 1e-4
+    assert _maxabs(log_plan[inter], fixture("megaloc", "sinkhorn_log_P.npy")) <= 1e-4
+    assert _maxabs(pre_linear[inter], fixture("megaloc", "aggregator_pre_linear.npy")) <= 1e-6
+    assert _maxabs(linear[inter], fixture("megaloc", "linear_output.npy")) <= 1e-6
+    assert desc.shape == (12, 8448)
+    assert _maxabs(desc, fixture("megaloc", "descriptors.npy")) <= 1e-6
+
+
+def test_megaloc_native_sizes_are_rounded_and_pos_embed_is_resampled_as_h_by_w(megaloc_checkpoint):
+    """Native 120x160 corridor images: MegaLoc's own rounding gives 126x154 (a 9x11 grid); its
+    position embedding must be resampled as (H, W) (the pre-4a23a2b (W, H) order moves this
+    descriptor by 1.3e-4). Then the 960x540 photo at native size: 546x966 (39x69 patches)."""
+    model, cfg, _ = create_model("megaloc-dinov2-vitb14", checkpoint=str(megaloc_checkpoint), image_size=(120, 160))
+    assert cfg.image_size == (126, 154) and cfg.preprocessing.first_resize == (120, 160)
+    assert _maxabs(model.backbone.vit.pos_embed.detach(), fixture("megaloc", "pos_embed_interpolated_native.npy")) <= 1e-6
+    x = _batch(spec("megaloc")["images"]["native_corridor_files_in_batch_order"], cfg)
+    assert _maxabs(x[:1], fixture("megaloc", "native_internal_resized_input_image0.npy")) <= 1e-5
+    with torch.no_grad():
+        desc = model(torch.from_numpy(x))["descriptor"].numpy()
+    assert _maxabs(desc, fixture("megaloc", "descriptors_native_corridor.npy")) <= 1e-6
+    del model
+    model, cfg, _ = create_model("megaloc-dinov2-vitb14", checkpoint=str(megaloc_checkpoint), image_size=(540, 960))
+    assert cfg.image_size == (546, 966)
+    with torch.no_grad():
+        desc = model(torch.from_numpy(preprocess_file(PHOTO, cfg.preprocessing)[None]))["descriptor"].numpy()
+    assert _maxabs(desc, fixture("preprocessing", "megaloc_descriptor_native.npy")) <= 1e-6
+
+
+def test_megaloc_github_release_layout_loads_the_same_weights(megaloc, tmp_path):
+    legacy = save_official_checkpoint("megaloc", tmp_path / "megaloc.torch", legacy=True)
+    model, _, info = create_model("megaloc-dinov2-vitb14", checkpoint=str(legacy))
+    assert (info["format"], info["container"]) == ("megaloc-legacy", "state_dict")
+    ours = megaloc[0].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ours[key]), key
+
+
+def test_boq_matches_official_including_intermediates(boq):
+    """Intermediates at 2e-5 catch what the descriptor cannot: an aggregator LayerNorm eps of 1e-6
+    moves the descriptor by only 4e-7, but the block tokens by 1.1e-4."""
+    model, cfg = boq
+    s = spec("boq")
+    files = s["images"]["files_in_batch_order"]
+    inter = [files.index(f) for f in s["intermediate_images"]]
+    x = _batch(files, cfg)
+    assert _maxabs(x[inter], fixture("boq", "input_tensors.npy")) <= 1e-5
+    with torch.no_grad():
+        _, patches = model.backbone(torch.from_numpy(x))
+        d = model.head.details(patches, with_attention=True)
+        queries = torch.cat([block.learned_queries() for block in model.head.boqs])
+        desc = model(torch.from_numpy(x))["descriptor"].numpy()
+    gh, gw = cfg.grid
+    patch_map = patches[inter].numpy().transpose(0, 2, 1).reshape(len(inter), -1, gh, gw)
+    assert _maxabs(patch_map, fixture("boq", "backbone_patch_map.npy")) <= 1e-4  # no final LayerNorm
+    tokens = torch.stack([t[inter[0]] for t in d["block_inputs"]])
+    assert _maxabs(tokens, fixture("boq", "boq_tokens_image0.npy")) <= 2e-5
+    assert _maxabs(queries, fixture("boq", "boq_queries_after_self_attn.npy")) <= 2e-5
+    assert _maxabs(torch.stack(d["outputs"], dim=1)[inter], fixture("boq", "boq_block_outputs.npy")) <= 2e-5
+    assert _maxabs(torch.stack(d["attention"], dim=1)[inter], fixture("boq", "boq_cross_attention.npy")) <= 1e-7
+    assert _maxabs(d["rows"][inter], fixture("boq", "fc_output.npy")) <= 2e-5
+    assert desc.shape == (12, 12288)
+    assert _maxabs(desc, fixture("boq", "descriptors.npy")) <= 1e-6

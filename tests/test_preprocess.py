@@ -62,3 +62,50 @@ def test_non_rgb_modes_become_rgb(tmp_path, mode):
 def test_unknown_resize_mode_is_refused():
     with pytest.raises(ValueError, match="unknown resize mode"):
         Preprocessing(size=(224, 224), resize="bicubic")
+
+
+def _torch_official(img, size, mode, normalise_first, first=None):
+    """The official tensor pipelines in torch: MegaLoc (normalise, antialiased bilinear; its own
+    rounding resize after the evaluation's) and BoQ (antialiased bicubic on [0, 1], no clamp)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)[None]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    if normalise_first:
+        x = (x - mean) / std
+    for s in ([first] if first else []) + [size]:
+        x = F.interpolate(x, size=list(s), mode=mode, align_corners=False, antialias=True)
+    return (x[0] if normalise_first else (x[0] - mean) / std).numpy()
+
+
+def _big_image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (170, 300, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("size,first", [((322, 322), None), ((126, 154), None), ((238, 322), (240, 320)),
+                                        ((98, 70), None)])
+def test_antialiased_bilinear_equals_megaloc_pipeline(size, first):
+    pre = Preprocessing(size=size, resize="tensor_bilinear_antialias", first_resize=first)
+    for img in [load_rgb(f) for f in FILES[::4]] + [_big_image()]:  # up- and down-scales
+        assert np.abs(preprocess_image(img, pre) - _torch_official(img, size, "bilinear", True, first)).max() <= 2e-6
+
+
+@pytest.mark.parametrize("size", [(322, 322), (224, 308), (56, 84)])
+def test_antialiased_bicubic_on_unit_range_equals_boq_pipeline(size):
+    pre = Preprocessing(size=size, resize="tensor_bicubic_antialias")
+    for img in [load_rgb(f) for f in FILES[::4]] + [_big_image()]:
+        ours = preprocess_image(img, pre)
+        assert np.abs(ours - _torch_official(img, size, "bicubic", False)).max() <= 1e-5
+    # the overshoot of the cubic kernel is kept, as the official transform keeps it (no clamp)
+    edge = Image.fromarray(np.kron(np.eye(8, dtype=np.uint8) * 255, np.ones((4, 4), np.uint8))).convert("RGB")
+    unit = (preprocess_image(edge, pre) * 0.229 + 0.485)[0]
+    assert unit.max() > 1.0 and unit.min() < 0.0
+
+
+def test_first_resize_is_recorded_and_only_for_megaloc_mode():
+    pre = Preprocessing(size=(238, 322), resize="tensor_bilinear_antialias", first_resize=(240, 320))
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    assert "first_resize" not in Preprocessing(size=(322, 322)).to_dict()  # older manifests unchanged
+    with pytest.raises(ValueError, match="first_resize"):
+        Preprocessing(size=(224, 224), resize="tensor_bilinear", first_resize=(230, 230))

@@ -161,3 +161,26 @@ def test_rtabmap_plugin_on_a_real_model_equals_runtime_encode(gem, tmp_path):
     got = np.load(tmp_path / "plugin.npy")
     assert got.shape == (1, 384) and got.dtype == np.float32
     assert np.abs(got[0] - np.load(tmp_path / "q.npy")[7]).max() <= 1e-6
+def test_non_square_boq_bundle_encodes_like_pytorch_and_localizes(tmp_path):
+    """A 4:3-ish camera size (224x308): the bundle, the runtime's bicubic preprocessing and the
+    PyTorch reference agree; the map and the loop take the non-square bundle as any other."""
+    boq = build(tmp_path / "boq", "--model", "boq-dinov2-vitb14", "--precision", "fp32", "--image-size", "224x308",
+                "--batch", "1:4:8")
+    m = json.loads((boq / "manifest.json").read_text())
+    assert m["inputs"]["images"]["shape"] == ["batch", 3, 224, 308] and m["preprocessing"]["size"] == [224, 308]
+    assert m["checks"]["parity_vs_pytorch"]["min_cosine"] >= 0.99999
+    images, database = tmp_path / "q", tmp_path / "db"
+    for sub, folder in (("queries", images), ("database", database)):
+        folder.mkdir()
+        for f in list_images(CORRIDOR / sub)[:16]:
+            shutil.copy(f, folder / f.name)
+    assert run("encode", "--bundle", boq, "--images", images, "--output", tmp_path / "rt.npy", "--quiet").returncode == 0
+    proc = run("--model", "boq-dinov2-vitb14", "--random-weights", "--depth", "1", "--image-size", "224x308",
+               "--images", images, "--output", tmp_path / "pt.npy", module="export.encode")
+    assert proc.returncode == 0, proc.stderr
+    assert np.abs(np.load(tmp_path / "rt.npy") - np.load(tmp_path / "pt.npy")).max() <= 1e-4
+    mp = tmp_path / "map"
+    assert run("map", "build", "--bundle", boq, "--images", database, "--output", mp, "--quiet").returncode == 0
+    proc = run("localize", "--bundle", boq, "--map", mp, "--source", images, "--top-k", "3", "--output", tmp_path / "r.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert "received 16, processed 16" in proc.stdout

@@ -23,10 +23,12 @@ from runtime.trt_env import gpu_info
 
 needs_rtx = pytest.mark.skipif(rtx_module() is None, reason="tensorrt-rtx-cu13 is not installed (dev extra, x86-64)")
 BATCH = {"min": 1, "opt": 2, "max": 4}  # batch 1 is the robot's case
-SMALL_SIZE = {"gem": 112, "salad": 126}  # SALAD needs more patches than its 64 clusters
+SMALL_SIZE = {"gem": 112, "salad": 126, "megaloc": 126, "boq": 112}  # SALAD/MegaLoc: more patches than clusters
 # JetPack 5's target (LayerNorm decomposed) on one model per method: the decomposition is the same
 # code for every width, and the whole sweep must stay within a couple of minutes on 2 cores
-TRT85 = {"gem-dinov2-vits14-reg", "salad-dinov2-vitb14", "selavpr-dinov2-vitl14", "cricavpr-dinov2-vitb14"}
+# (MegaLoc's head is SALAD's plus a Linear: SALAD's run covers it)
+TRT85 = {"gem-dinov2-vits14-reg", "salad-dinov2-vitb14", "selavpr-dinov2-vitl14", "cricavpr-dinov2-vitb14",
+         "boq-dinov2-vitb14"}
 SCRIPT = ROOT / "export" / "build_engine.py"
 # tensorrt_rtx made unimportable, as on a machine without the package
 NO_RTX = "import sys; sys.modules['tensorrt_rtx'] = None; import runpy; sys.argv = {argv!r}; runpy.run_{kind}({target!r}, run_name='__main__')"

@@ -1,5 +1,6 @@
-"""Model zoo: a DINOv2 backbone (timm) plus one head or adapter set per VPR method."""
-from .dinov2 import DinoV2Backbone, interpolate_pos_embed
-from .vpr_model import VPRModel
+"""One module per VPR method, on a shared DINOv2 backbone (``dinov2.py``, ``vpr_model.py``).
 
-__all__ = ["DinoV2Backbone", "VPRModel", "interpolate_pos_embed"]
+Each module declares everything about its method and registers it (``export/registry.py``).
+Adding a method: write its module and add its name to this list, nothing else.
+"""
+METHOD_MODULES = ("gem", "salad", "selavpr", "cricavpr", "megaloc", "boq")

@@ -15,13 +15,17 @@ cross-image encoder that attends across the images of a batch.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import route_keys
+from ..registry import CheckpointFormat, Method, ModelConfig, register_method, register_model
+from .dinov2 import DinoV2Backbone
 from .gem import GeM
+from .vpr_model import VPRModel
 
 BATCH_MODES = ("batched", "independent")
 
@@ -163,3 +167,42 @@ class CricaVPRHead(nn.Module):
     def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> dict:
         tokens = self.encoder(self.regions(cls, patches), self.mode)
         return {"descriptor": F.normalize(tokens.flatten(1), dim=-1)}
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+@register_method
+class CricaVPRMethod(Method):
+    name = "cricavpr"
+    resize = "tensor_bilinear"  # datasets_ws.base_transform: normalise, then resize (no antialias)
+    layout = "L2(14 regions x C: [cls, 2x2 row-major, 3x3 row-major] after the cross-image encoder)"
+    batch_modes = BATCH_MODES
+    fp32_scopes = ("gem",)
+    fixed_sizes = ((224, 224),)
+    fixed_size_reason = "its official head hard-codes a 16x16 patch grid"
+    formats = (CheckpointFormat(
+        "cricavpr", "`CricaVPR.pth`: `{'model_state_dict'}`, `module.` prefix, `backbone.*` with `adapter`, "
+                    "`encoder.*`",
+        lambda keys: any(".adapter.D_fc1." in k for k in keys) and any(k.startswith("encoder.layers.") for k in keys),
+        lambda sd, cfg: route_keys(sd, cfg, backbone="backbone.",
+                                   head=[("aggregation.1.p", "gem.p"), ("encoder.", "encoder.")])),)
+
+    def build(self, cfg: ModelConfig) -> VPRModel:
+        grid = cfg.grid
+        backbone = DinoV2Backbone(cfg.arch, cfg.image_size, depth=cfg.depth,
+                                  block_wrapper=lambda block: CricaBlock(block, grid))
+        return VPRModel(backbone, CricaVPRHead(backbone.dim, grid, mode=cfg.batch_mode))
+
+    def outputs(self, cfg: ModelConfig) -> Dict[str, List[int]]:
+        return {"descriptor": [14 * cfg.embed_dim]}
+
+
+@register_model
+def cricavpr_dinov2_vitb14() -> List[ModelConfig]:
+    """CricaVPR (10752-D), cross-image encoder in batched mode (as the official test loop) or
+    independent mode (each image attends only to itself)"""
+    return [ModelConfig(name="cricavpr-dinov2-vitb14" + ("" if mode == "batched" else "-independent"),
+                        method="cricavpr", arch="vitb14", image_size=(224, 224), batch_mode=mode,
+                        checkpoint_url="https://github.com/Lu-Feng/CricaVPR/releases/download/v1.0/CricaVPR.pth",
+                        description=f"CricaVPR (10752-D), cross-image encoder in {mode} mode")
+            for mode in BATCH_MODES]

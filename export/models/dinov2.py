@@ -17,14 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# arch -> (timm model name, embedding dim, depth)
-ARCHS = {
-    "vits14": ("vit_small_patch14_dinov2", 384, 12),
-    "vitb14": ("vit_base_patch14_dinov2", 768, 12),
-    "vitl14": ("vit_large_patch14_dinov2", 1024, 24),
-    "vitg14": ("vit_giant_patch14_dinov2", 1536, 40),
-}
-PATCH = 14
+from ..registry import ARCHS, PATCH  # noqa: F401 (PATCH is re-exported for the method modules)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], registers: bool,
@@ -56,7 +49,8 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, grid: Tuple[int, int], regist
 
 
 class DinoV2Backbone(nn.Module):
-    """A timm DINOv2 ViT at a fixed size, returning the final-LayerNorm'd tokens.
+    """A timm DINOv2 ViT at a fixed size, returning the final-LayerNorm'd tokens (or, with
+    ``final_norm=False``, the last block's output).
 
     ``block_wrapper`` lets an adapter method (SelaVPR, CricaVPR) replace every transformer block by
     one that reuses the block's own sub-modules, so state-dict keys keep their official names.
@@ -64,7 +58,8 @@ class DinoV2Backbone(nn.Module):
 
     def __init__(self, arch: str, image_size: Tuple[int, int], registers: bool = False,
                  depth: Optional[int] = None,
-                 block_wrapper: Optional[Callable[[nn.Module], nn.Module]] = None) -> None:
+                 block_wrapper: Optional[Callable[[nn.Module], nn.Module]] = None,
+                 final_norm: bool = True) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown DINOv2 arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -81,6 +76,8 @@ class DinoV2Backbone(nn.Module):
         self.depth = depth or full_depth
         if block_wrapper is not None:
             self.vit.blocks = nn.Sequential(*[block_wrapper(b) for b in self.vit.blocks])
+        if not final_norm:  # BoQ aggregates the last block's tokens, before DINOv2's final LayerNorm
+            self.vit.norm = nn.Identity()
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -91,6 +88,6 @@ class DinoV2Backbone(nn.Module):
         return self.grid[0] * self.grid[1]
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(B,3,H,W) -> class token (B,C) and patch tokens (B,N,C), both after the final norm."""
+        """(B,3,H,W) -> class token (B,C) and patch tokens (B,N,C), row-major over the grid."""
         tokens = self.vit.forward_features(images)
         return tokens[:, 0], tokens[:, self.num_prefix_tokens:]

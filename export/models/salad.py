@@ -16,10 +16,16 @@ Descriptor: ``L2(concat[L2(token) (256), L2-per-cluster(V) flattened channel-maj
 from __future__ import annotations
 
 import math
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checkpoints import route_keys
+from ..registry import CheckpointFormat, Method, ModelConfig, register_method, register_model
+from .dinov2 import DinoV2Backbone
+from .vpr_model import VPRModel
 
 
 def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -122,3 +128,32 @@ class SaladSplit(nn.Module):
         head = self.model.head
         return {"method": "salad", "dust_bin": float(head.dust_bin.detach()),
                 "iterations": head.sinkhorn.iterations, "descriptor_dim": head.dim}
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+@register_method
+class SaladMethod(Method):
+    name = "salad"
+    resize = "pil_bilinear"  # eval.py input_transform: PIL resize, then normalise
+    layout = "L2([L2(token) (256), L2 per cluster of 128 channels x 64 clusters, channel-major: 256 + l*64 + k])"
+    fp32_scopes = ("sinkhorn",)
+    min_patches = 65  # the Sinkhorn's dustbin mass is log(n - m): more patches than the 64 clusters
+    formats = (CheckpointFormat(
+        "salad", "`dino_salad.ckpt`: raw state_dict, `backbone.model.<DINOv2>`, `aggregator.*`",
+        lambda keys: "aggregator.dust_bin" in keys and "backbone.model.cls_token" in keys,
+        lambda sd, cfg: route_keys(sd, cfg, backbone="backbone.model.", head=[("aggregator.", "")])),)
+
+    def build(self, cfg: ModelConfig) -> VPRModel:
+        backbone = DinoV2Backbone(cfg.arch, cfg.image_size, depth=cfg.depth)
+        return VPRModel(backbone, SALAD(num_channels=backbone.dim, num_patches=cfg.num_patches))
+
+    def outputs(self, cfg: ModelConfig) -> Dict[str, List[int]]:
+        return {"descriptor": [256 + 64 * 128]}
+
+
+@register_model
+def salad_dinov2_vitb14() -> ModelConfig:
+    """DINOv2 ViT-B/14 + SALAD (8448-D), evaluated at 322x322 as in the official README"""
+    return ModelConfig(name="salad-dinov2-vitb14", method="salad", arch="vitb14", image_size=(322, 322),
+                       checkpoint_url="https://github.com/serizba/salad/releases/download/v1.0.0/dino_salad.ckpt")

@@ -8,11 +8,17 @@ The bottleneck is D -> D/2 -> D with ReLU.
 """
 from __future__ import annotations
 
+from typing import Dict, List
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoints import route_keys
+from ..registry import CheckpointFormat, Method, ModelConfig, register_method, register_model
+from .dinov2 import DinoV2Backbone
 from .gem import GeM
+from .vpr_model import VPRModel
 
 
 class BottleneckAdapter(nn.Module):
@@ -76,3 +82,35 @@ class SelaVPRHead(nn.Module):
         fmap = patches.reshape(-1, gh, gw, patches.shape[-1]).permute(0, 3, 1, 2)
         local = F.normalize(self.local(fmap).permute(0, 2, 3, 1), dim=-1)
         return {"descriptor": descriptor, "local_features": local}
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+@register_method
+class SelaVPRMethod(Method):
+    name = "selavpr"
+    resize = "tensor_bilinear"  # datasets_ws.base_transform: normalise, then resize (no antialias)
+    layout = "descriptor: L2(GeM(p) of channel-L2 patch tokens); local_features: (H', W', 128) per-location L2"
+    fp32_scopes = ("gem",)
+    fixed_sizes = ((224, 224),)
+    fixed_size_reason = "its official head hard-codes a 16x16 patch grid"
+    formats = (CheckpointFormat(
+        "selavpr", "SelaVPR `*.pth`: `{'model_state_dict'}`, `module.` prefix, `backbone.*` with `adapter1`, "
+                   "`LocalAdapt.*`",
+        lambda keys: any(".adapter1.D_fc1." in k for k in keys) and any(k.startswith("LocalAdapt.") for k in keys),
+        lambda sd, cfg: route_keys(sd, cfg, backbone="backbone.",
+                                   head=[("aggregation.1.p", "gem.p"), ("LocalAdapt.", "local.")])),)
+
+    def build(self, cfg: ModelConfig) -> VPRModel:
+        backbone = DinoV2Backbone(cfg.arch, cfg.image_size, depth=cfg.depth, block_wrapper=SelaBlock)
+        return VPRModel(backbone, SelaVPRHead(backbone.dim, cfg.grid))
+
+    def outputs(self, cfg: ModelConfig) -> Dict[str, List[int]]:
+        gh, gw = cfg.grid
+        return {"descriptor": [cfg.embed_dim], "local_features": [4 * gh - 3, 4 * gw - 3, 128]}
+
+
+@register_model
+def selavpr_dinov2_vitl14() -> ModelConfig:
+    """SelaVPR: DINOv2 ViT-L/14 with adapters, GeM global (1024-D) + 61x61x128 local features"""
+    return ModelConfig(name="selavpr-dinov2-vitl14", method="selavpr", arch="vitl14", image_size=(224, 224))
