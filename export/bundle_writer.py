@@ -49,7 +49,8 @@ from .trt_check import check_graph
 # measured at full depth (BENCHMARKS.md §7): FP32 differs only by kernel rounding (1 - 1e-12);
 # FP16 keeps LayerNorm, softmax and Sinkhorn in FP32 islands (>= 0.9999998); INT8 quantizes the
 # MatMul/Gemm/Conv inputs only (>= 0.9998 with the official fixture's SALAD weights).
-PARITY_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+# bf16 (OpenVINO's inference precision on CPU) is FP16-class: the same 0.999.
+PARITY_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999, "int8": 0.99}
 ONNX, ENGINE = "model.onnx", "engine.plan"
 
 
@@ -71,17 +72,24 @@ def parity(reference: np.ndarray, got: np.ndarray, precision: str, against: str)
     return record
 
 
-def run_graph(path: Path, images: np.ndarray, split: Optional[dict] = None) -> np.ndarray:
-    """Descriptors of an ONNX graph on ONNX Runtime (CPU); a split SALAD graph is finished by the
-    runtime's numpy Sinkhorn, as the runtime does."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def run_graph(path: Path, images: np.ndarray, split: Optional[dict] = None, backend: str = "onnxruntime",
+              settings: Optional[dict] = None) -> np.ndarray:
+    """Descriptors of an ONNX graph on ONNX Runtime (CPU), or on OpenVINO with a CPU path's
+    ``settings``; a split SALAD graph is finished by the runtime's numpy Sinkhorn, as the runtime
+    does."""
+    names = ["token", "cluster_features", "scores"] if split else ["descriptor"]
+    if backend == "openvino":
+        from runtime.backends.openvino_backend import compile_graph
+        compiled = compile_graph(path, settings=settings)
+        result = compiled.create_infer_request().infer({0: images})
+        outs = [np.array(result[compiled.output(n)]) for n in names]
+    else:
+        import onnxruntime as ort
+        outs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(names, {"images": images})
     if split:
         from runtime.sinkhorn import salad_aggregate
-        token, feats, scores = session.run(["token", "cluster_features", "scores"], {"images": images})
-        return salad_aggregate(token, feats, scores, split["dust_bin"], split["iterations"])
-    return session.run(["descriptor"], {"images": images})[0]
+        return salad_aggregate(*outs, split["dust_bin"], split["iterations"])
+    return outs[0]
 
 
 def graph_checks(path: Path, manifest: dict) -> Dict[str, dict]:
@@ -91,6 +99,9 @@ def graph_checks(path: Path, manifest: dict) -> Dict[str, dict]:
     from .trt_rtx import rtx_check
 
     target = manifest["export"]["target"]
+    if manifest.get("cpu"):
+        from .cpu_check import cpu_graph_checks
+        return cpu_graph_checks(path, manifest)
     onnx.checker.check_model(str(path), full_check=True)
     ops = check_graph(str(path), target)
     checks = {"onnx_checker": {"full_check": True, "passed": True},
@@ -179,6 +190,10 @@ def summary_lines(bundle: Bundle) -> List[str]:
     passed = ["manifest and sha256 verified"]
     if "onnx_checker" in checks:
         passed.append("onnx.checker (full)")
+    cpu = checks.get("cpu_graph_check")
+    if isinstance(cpu, dict):
+        passed.append(f"CPU graph check for {cpu['target']} on {cpu['backend']}: every one of {cpu['nodes']} nodes "
+                      "has a kernel")
     static = checks.get("tensorrt_static_check")
     if isinstance(static, dict):
         passed.append(f"TensorRT static check for {static['target']}: 0 problems in {static['nodes']} nodes")

@@ -37,6 +37,10 @@ class ModelConfig:
         return ARCHS[self.arch][1]
 
     @property
+    def num_heads(self) -> int:
+        return self.embed_dim // 64  # DINOv2: 64 channels per attention head
+
+    @property
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(size=self.image_size, resize=self.resize, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
