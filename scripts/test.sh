@@ -29,4 +29,4 @@ fi
 .venv-runtime310/bin/python -m pytest -q tests/test_runtime_no_torch.py tests/test_preprocess.py tests/test_rerank.py \
     tests/test_bundle.py tests/test_maps.py tests/test_datasets.py tests/test_loop.py tests/test_sinkhorn.py \
     tests/test_reliability.py tests/test_properties.py tests/test_map_build.py tests/test_timing.py \
-    tests/test_decisions.py tests/test_loop_cli.py tests/test_output_dirs.py
+    tests/test_decisions.py tests/test_loop_cli.py tests/test_output_dirs.py tests/test_cpu_features.py
