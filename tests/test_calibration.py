@@ -104,6 +104,11 @@ def test_precision_report_agreement_and_cosine(bundles, tmp_path):
     rows = {r["precision"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["fp16"]["cosine_to_fp32"]["min"] >= 0.999 and rows["fp16"]["top1_agreement"] >= 0.98
     assert rows["int8"]["cosine_to_fp32"]["p1"] >= 0.999 and rows["int8"]["top1_agreement"] >= 0.95
+    # the report says which fidelity gate each precision class must pass
+    assert rows["fp16"]["gate"] == {"metric": "min_cosine", "threshold": 0.999,
+                                    "value": rows["fp16"]["cosine_to_fp32"]["min"], "passed": True}
+    assert rows["int8"]["gate"]["metric"] == "top1_agreement" and rows["int8"]["gate"]["threshold"] == 0.98
+    assert "fidelity gate" in proc.stdout and "top-1 agreement" in proc.stdout
     assert (bundles / "int8" / "precision_report.json").is_file()
 
 

@@ -164,3 +164,13 @@ def test_openvino_falls_back_to_fp32_without_bf16(openvino_bundle, built, caplog
     x = _images(fp32)
     got = np.array(compiled.create_infer_request().infer({0: x})[compiled.output("descriptor")])
     assert row_cosine(open_backend(fp32).run(x)["descriptor"], got).min() >= 0.99999
+
+
+def test_precision_report_applies_the_int8_gate_to_the_cpu_bundle(built):
+    from calibration.report import precision_report
+    from runtime.datasets import load_dataset
+    report = precision_report([load_bundle(built["fp32"]), load_bundle(built["cpu"])],
+                              load_dataset(DATA / "vprbench_corridor"), threads=2)
+    row = next(r for r in report["rows"] if r["precision"] == "int8")
+    assert row["gate"]["metric"] == "top1_agreement" and row["gate"]["threshold"] == 0.98
+    assert row["gate"]["value"] == row["top1_agreement"] and row["gate"]["passed"] == (row["top1_agreement"] >= 0.98)
