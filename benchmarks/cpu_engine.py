@@ -161,6 +161,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--workdir", type=Path, default=None, help="keep the built bundles here (reused when present)")
+    p.add_argument("--engines", default=None, help="comma-separated subset of the engines above (default: all)")
     p.add_argument("--no-roofline", action="store_true")
     args = p.parse_args()
     from export.cpu_target import BF16, openvino_available
@@ -204,12 +205,15 @@ def main() -> int:
         if ov:
             specs["openvino-fp32"] = {"kind": "openvino", "path": str(fp32.file("onnx")), "hint": "f32"}
             specs["openvino-bf16"] = {"kind": "bundle", "path": str(bundles["openvino"])}
+        if args.engines:
+            keep = set(args.engines.split(",")) | {"pytorch-fp32"}  # the reference of every cosine
+            specs = {k: v for k, v in specs.items() if k in keep}
         x = np.stack([preprocess_file(f, fp32.preprocessing) for f in list_images(IMAGES)[:1]])
         load_before = os.getloadavg()
         results = interleaved(specs, x, args.threads, args.rounds, tmp)
         load_after = os.getloadavg()
         ref = np.load(tmp / "pytorch-fp32.npy")
-        best_torch = "pytorch-bf16-autocast" if bf16 else "pytorch-fp32"
+        best_torch = "pytorch-bf16-autocast" if "pytorch-bf16-autocast" in results else "pytorch-fp32"
         for name, r in results.items():
             r["cosine_to_pytorch_fp32"] = cosine(np.load(tmp / f"{name}.npy"), ref)
             r["x_pytorch_fp32"] = results["pytorch-fp32"]["median_s"] / r["median_s"]
@@ -229,7 +233,7 @@ def main() -> int:
                     "cpu-bundle": ("ort-fp32", "ort-int8") if cpu_bundle.precision == "int8" else ("ort-fp32", None),
                     "openvino-fp32": ("ov-f32", None), "openvino-bf16": ("ov-bf16" if bf16 else "ov-f32", None)}
             for name, r in results.items():
-                rest, int8 = uses[name]
+                rest, int8 = uses.get(name, (None, None))
                 if roofs.get(rest) is None or (int8 and roofs.get(int8) is None):
                     continue
                 floor = (flops["other"] / (roofs[rest] * 1e9) + flops["int8_matmuls"] / (roofs[int8] * 1e9)) if int8 \
@@ -256,7 +260,7 @@ def main() -> int:
         print("measured instruction throughput:", roof["measured_peak"])
         print(f"GEMM roofs on {roof['gemm_shape']} (GFLOP/s):", {k: round(v, 1) if v else v
                                                                for k, v in roof["gemm_roofs_gflops"].items()})
-    print("wrote", save(f"cpu-engine-{cfg.name}", {"args": {k: str(v) for k, v in vars(args).items()},
+    print("wrote", save(f"cpu-engine-{cfg.name}-t{args.threads}", {"args": {k: str(v) for k, v in vars(args).items()},
                                                   "cpu": {"model": cpu.model, "arch": cpu.arch,
                                                           "features": sorted(f for f in FEATURES if f in cpu.flags)},
                                                   "load": {"before": load_before, "after": load_after},

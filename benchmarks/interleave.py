@@ -49,7 +49,10 @@ elif kind == "bundle":
 elif kind == "ort":
     import onnxruntime as ort
     from runtime.backends.ort_backend import session_options
-    s = ort.InferenceSession(spec["path"], session_options(threads), providers=["CPUExecutionProvider"])
+    so = session_options(threads)
+    if spec.get("spin"):  # spin-waiting threads: the ONNX Runtime default the runtime turns off
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    s = ort.InferenceSession(spec["path"], so, providers=["CPUExecutionProvider"])
     run = lambda: s.run(["descriptor"], {s.get_inputs()[0].name: x})[0]
 elif kind == "openvino":
     import openvino as ov

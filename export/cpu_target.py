@@ -11,9 +11,9 @@ The paths, fastest first where their features are present:
 
 * ``onnxruntime-int8-dynamic``: ONNX Runtime, attention fused into MultiHeadAttention (FP32),
   every constant-weight MatMul dynamically quantized U8S8 (per-channel INT8 weights, UINT8
-  activations ranged per inference). On the AVX-512 VNNI + bf16 machine it ran at 2.3x PyTorch's
-  bf16 autocast; MLAS picks its integer kernel at run time (AMX, AVX-512 VNNI, AVX-VNNI, AVX-512BW,
-  AVX2; ARM dot-product / i8mm, NEON), so one graph runs everywhere.
+  activations ranged per inference). The fastest path measured on the AVX-512 VNNI + bf16 machine
+  (BENCHMARKS.md §12); MLAS picks its integer kernel at run time (AMX, AVX-512 VNNI, AVX-VNNI,
+  AVX-512BW, AVX2; ARM dot-product / i8mm, NEON), so one graph runs everywhere.
 * ``openvino-bf16``: OpenVINO with the bf16 inference precision on the FP32 graph, where the CPU
   has bf16 arithmetic; only when ``--backend openvino`` asks for it (slower than the INT8 path on
   the machine measured).
@@ -96,8 +96,9 @@ def choose_path(cpu: CpuInfo, backend: str = "auto", openvino: Optional[bool] = 
     return CpuPath(
         "onnxruntime-int8-dynamic", "onnxruntime", "int8", requires, ("fuse_attention", "quantize_dynamic"),
         fallback={"note": "the same INT8 graph on the integer kernels this CPU has (slower, same results)"},
-        why=f"INT8 U8S8 GEMMs on {dot[0] if dot else 'the portable kernels'}: 2.3x PyTorch bf16 autocast and 2.5x "
-            "ONNX Runtime FP32 on an AVX-512 VNNI + bf16 CPU; INT8 was also the fastest on AVX2 (BENCHMARKS.md §6, §12)")
+        why=f"INT8 U8S8 GEMMs on {dot[0] if dot else 'the portable kernels'}: the fastest path measured on an "
+            "AVX-512 VNNI + bf16 CPU, ahead of OpenVINO bf16 and PyTorch bf16 autocast; INT8 was also the fastest on "
+            "AVX2 (BENCHMARKS.md §6, §12)")
 
 
 def _openvino_path(cpu: CpuInfo) -> CpuPath:
