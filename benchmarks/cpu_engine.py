@@ -244,8 +244,10 @@ def main() -> int:
                 r["achieved_gflops"] = flops["total"] / r["median_s"] / 1e9
             roof = {"flops_per_image": flops, "derived_peak_gflops": peak, "measured_peak": peak_measured,
                     "gemm_shape": shape, "gemm_roofs_gflops": roofs}
-    rows = [[n, r["median_s"] * 1000, r["min_s"] * 1000, r["x_pytorch_fp32"], r["x_best_pytorch"],
-             r["cosine_to_pytorch_fp32"], r.get("achieved_gflops", ""), r.get("roof", ""), r.get("fraction_of_roof", "")]
+    rows = [[n, f"{r['median_s'] * 1000:.0f}", f"{r['min_s'] * 1000:.0f}", f"{r['x_pytorch_fp32']:.2f}",
+             f"{r['x_best_pytorch']:.2f}", f"{r['cosine_to_pytorch_fp32']:.6f}",
+             f"{r['achieved_gflops']:.0f}" if "achieved_gflops" in r else "", r.get("roof", ""),
+             f"{r['fraction_of_roof']:.2f}" if "fraction_of_roof" in r else ""]
             for n, r in results.items()]
     print(f"{cfg.name} at {cfg.image_size[0]}², batch 1, {args.threads} threads, random weights, one real image, "
           f"median of {args.rounds} interleaved rounds; load {load_before[0]:.1f} -> {load_after[0]:.1f}")

@@ -184,4 +184,8 @@ def describe(bundle: Bundle) -> List[str]:
              f"{m['precision']} on {m['backend']}, batch {m['batch']['min']}:{m['batch']['opt']}:{m['batch']['max']}, {weights}"]
     for name, spec in m["outputs"].items():
         lines.append(f"  output {name}: {spec['shape']} {spec.get('dtype', 'float32')}")
+    cpu = m.get("cpu")
+    if isinstance(cpu, dict):
+        lines.append(f"  CPU path: {cpu.get('path')} for {cpu.get('target')} ({cpu.get('arch')}; chosen for "
+                     f"{', '.join(cpu.get('requires', [])) or 'no particular features'})")
     return lines
