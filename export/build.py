@@ -322,7 +322,11 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str,
         calibration = _cpu_rewrites(cpu_path, staged, cfg, islands, config.calibration)
     checks = {}
     if reference is not None:
-        got = run_graph(staged.onnx, x, split, backend=backend, settings=_parity_settings(cpu_path))
+        if backend == "openvino":
+            from .cpu_check import run_openvino_graph
+            got = run_openvino_graph(staged.onnx, x, split, _parity_settings(cpu_path))
+        else:
+            got = run_graph(staged.onnx, x, split)
         checks["parity_vs_pytorch"] = parity(reference, got, graph_precision,
                                              "PyTorch (FP32)" + (f", {cpu_path.name} here" if cpu_path else ""))
         log(f"{'ONNX Runtime' if backend != 'openvino' else 'OpenVINO'} ({graph_precision} graph) vs PyTorch on {len(x)} sample images: min cosine "

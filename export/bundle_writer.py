@@ -72,36 +72,29 @@ def parity(reference: np.ndarray, got: np.ndarray, precision: str, against: str)
     return record
 
 
-def run_graph(path: Path, images: np.ndarray, split: Optional[dict] = None, backend: str = "onnxruntime",
-              settings: Optional[dict] = None) -> np.ndarray:
-    """Descriptors of an ONNX graph on ONNX Runtime (CPU), or on OpenVINO with a CPU path's
-    ``settings``; a split SALAD graph is finished by the runtime's numpy Sinkhorn, as the runtime
-    does."""
-    names = ["token", "cluster_features", "scores"] if split else ["descriptor"]
-    if backend == "openvino":
-        from runtime.backends.openvino_backend import compile_graph
-        compiled = compile_graph(path, settings=settings)
-        result = compiled.create_infer_request().infer({0: images})
-        outs = [np.array(result[compiled.output(n)]) for n in names]
-    else:
-        import onnxruntime as ort
-        outs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(names, {"images": images})
+def run_graph(path: Path, images: np.ndarray, split: Optional[dict] = None) -> np.ndarray:
+    """Descriptors of an ONNX graph on ONNX Runtime (CPU); a split SALAD graph is finished by the
+    runtime's numpy Sinkhorn, as the runtime does."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     if split:
         from runtime.sinkhorn import salad_aggregate
-        return salad_aggregate(*outs, split["dust_bin"], split["iterations"])
-    return outs[0]
+        token, feats, scores = session.run(["token", "cluster_features", "scores"], {"images": images})
+        return salad_aggregate(token, feats, scores, split["dust_bin"], split["iterations"])
+    return session.run(["descriptor"], {"images": images})[0]
 
 
 def graph_checks(path: Path, manifest: dict) -> Dict[str, dict]:
     """onnx.checker, the static TensorRT check and, wherever TensorRT-RTX imports, TensorRT's own
     parser and ahead-of-time builder on the graph that ships (a TensorRT-RTX bundle's engine build
-    is that check already)."""
-    from .trt_rtx import rtx_check
-
-    target = manifest["export"]["target"]
+    is that check already). A CPU bundle gets the CPU graph checks instead (export/cpu_check.py)."""
     if manifest.get("cpu"):
         from .cpu_check import cpu_graph_checks
         return cpu_graph_checks(path, manifest)
+    from .trt_rtx import rtx_check
+
+    target = manifest["export"]["target"]
     onnx.checker.check_model(str(path), full_check=True)
     ops = check_graph(str(path), target)
     checks = {"onnx_checker": {"full_check": True, "passed": True},

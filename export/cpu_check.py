@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import numpy as np
 import onnx
 
 from .bundle_writer import CheckFailed
@@ -79,3 +80,19 @@ def cpu_graph_checks(path: Path, manifest: dict) -> Dict[str, dict]:
             "cpu_graph_check": {"target": cpu["target"], "arch": cpu["arch"], "backend": backend,
                                 "nodes": int(sum(ops.values())), "op_types": dict(sorted(ops.items())),
                                 "passed": True}}
+
+
+def run_openvino_graph(path: Path, images: np.ndarray, split: Optional[dict] = None,
+                       settings: Optional[dict] = None) -> np.ndarray:
+    """Descriptors of an ONNX graph on OpenVINO's CPU plugin with a CPU path's ``settings`` (the
+    OpenVINO twin of ``bundle_writer.run_graph``, for the build's parity check)."""
+    from runtime.backends.openvino_backend import compile_graph
+
+    names = ["token", "cluster_features", "scores"] if split else ["descriptor"]
+    compiled = compile_graph(path, settings=settings)
+    result = compiled.create_infer_request().infer({0: images})
+    outs = [np.array(result[compiled.output(n)]) for n in names]
+    if split:
+        from runtime.sinkhorn import salad_aggregate
+        return salad_aggregate(*outs, split["dust_bin"], split["iterations"])
+    return outs[0]
