@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
@@ -26,8 +27,9 @@ from runtime.backends.ort_backend import session_options  # noqa: E402
 from runtime.bundle import load_bundle  # noqa: E402
 
 
-def count_flops(path: Path) -> float:
-    """Multiply-adds x 2 of MatMul / Gemm / Conv / ConvTranspose for one image."""
+def count_flops(path: Path, where: Optional[Callable[[onnx.NodeProto], bool]] = None) -> float:
+    """Multiply-adds x 2 of MatMul / Gemm / Conv / ConvTranspose for one image (of the nodes
+    ``where`` accepts)."""
     model = onnx.load(str(path))
     for v in list(model.graph.input) + list(model.graph.output):
         for d in v.type.tensor_type.shape.dim:
@@ -42,6 +44,8 @@ def count_flops(path: Path) -> float:
         shapes[init.name] = list(init.dims)
     flops = 0.0
     for n in model.graph.node:
+        if where is not None and not where(n):
+            continue
         out = shapes.get(n.output[0])
         if not out or any(d == 0 for d in out):
             continue

@@ -2,7 +2,9 @@
 
 Per bundle: descriptor cosine to the FP32 bundle (mean, 1st percentile, min over every database
 and query image), top-1 retrieval agreement with FP32 (share of queries whose best database match
-is the same), Recall@1/5/10, and latency on the backend at hand (inference ms per image).
+is the same), Recall@1/5/10, latency on the backend at hand (inference ms per image), and the
+fidelity gate its precision class must pass (``GATES``: min cosine >= 0.999 for FP16 and bf16,
+top-1 agreement >= 98 % for INT8).
 
 Strict top-1 agreement is ill-conditioned where FP32 itself barely separates two database images:
 with MegaLoc's fixture weights (bias-dominated descriptors, pairwise cosine 0.97-0.9999) the FP32
@@ -49,6 +51,17 @@ def top1_agreement(ref_q: np.ndarray, ref_db: np.ndarray, ref_top2: np.ndarray, 
     return {"strict": float(np.mean(~differs)), "within_tie": float(np.mean(~differs | (gap <= tie))), "tie": tie,
             "disagreements": [{"query": int(i), "fp32_margin": float(margin[i]), "fp32_gap": float(gap[i])}
                               for i in np.flatnonzero(differs)]}
+# the fidelity gate of each precision class: a reduced-float path (FP16, bf16) keeps every
+# descriptor close to FP32; an INT8 path keeps retrieval: the same top-1 database match
+GATES = {"fp32": ("min_cosine", 0.99999), "fp16": ("min_cosine", 0.999), "bf16": ("min_cosine", 0.999),
+         "int8": ("top1_agreement", 0.98)}
+
+
+def gate(precision: str, min_cosine: float, top1_agreement: float) -> dict:
+    """Which fidelity gate applies to ``precision`` and whether the measured value passes it."""
+    metric, threshold = GATES[precision]
+    value = min_cosine if metric == "min_cosine" else top1_agreement
+    return {"metric": metric, "threshold": threshold, "value": float(value), "passed": bool(value >= threshold)}
 
 
 def _encode(bundle: Bundle, dataset: Dataset, threads) -> dict:
@@ -78,10 +91,12 @@ def precision_report(bundles: Sequence[Bundle], dataset: Dataset, threads=None, 
         e = encoded[str(b.path)]
         cos = row_cosine(np.concatenate([e["db"], e["q"]]), np.concatenate([r["db"], r["q"]]))
         ranked = retrieve(e["q"], e["db"], max(KS))
+        agreement = _agreement(top1_agreement(r["q"], r["db"], ref_top2, ranked[:, 0], tie))
         rows.append({
             "bundle": str(b.path), "precision": b.precision, "backend": b.backend,
             "cosine_to_fp32": {"mean": float(cos.mean()), "p1": float(np.percentile(cos, 1)), "min": float(cos.min())},
-            **_agreement(top1_agreement(r["q"], r["db"], ref_top2, ranked[:, 0], tie)),
+            **agreement,
+            "gate": gate(b.precision, float(cos.min()), agreement["top1_agreement"]),
             "recall": {str(k): v for k, v in recall_at_k(ranked, dataset.positives, KS).items()},
             "inference_ms_per_image": e["latency"]})
     return {"model": next(iter(names)), "dataset": str(dataset.root), "queries": len(dataset.queries),
@@ -99,13 +114,13 @@ def format_report(report: dict) -> str:
              f"{report['database']} database images)" + (" - RANDOM WEIGHTS: recall means nothing, agreement does"
                                                           if report["random_weights"] else ""),
              "| precision | backend | cos mean | cos p1 | cos min | top-1 agreement | up to ties | R@1 | R@5 | R@10 "
-             "| ms/img (p50) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ms/img (p50) | fidelity gate |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         c, rec, lat = row["cosine_to_fp32"], row["recall"], row["inference_ms_per_image"] or {}
         lines.append(f"| {row['precision']} | {row['backend']} | {c['mean']:.5f} | {c['p1']:.5f} | {c['min']:.5f} | "
-                     f"{row['top1_agreement']:.3f} | {row['top1_agreement_within_tie']:.3f} | {rec['1']:.3f} | {rec['5']:.3f} | {rec['10']:.3f} | "
-                     f"{lat.get('p50', float('nan')):.1f} |")
+                     f"{row['top1_agreement']:.3f} | {row['top1_agreement_within_tie']:.3f} | {rec['1']:.3f} | "
+                     f"{rec['5']:.3f} | {rec['10']:.3f} | {lat.get('p50', float('nan')):.1f} | {_gate_text(row['gate'])} |")
     tie = report["rows"][0]["tie"]
     for row in report["rows"]:
         flips = row["top1_disagreements"]
@@ -114,6 +129,11 @@ def format_report(report: dict) -> str:
             lines.append(f"{row['precision']}: {len(flips)} queries with another best match; FP32's own margins there "
                          f"{margins[0]:.1e}..{margins[-1]:.1e} (ties: FP32 gap <= {tie:.0e})")
     return "\n".join(lines)
+
+
+def _gate_text(g: dict) -> str:
+    name = "min cosine" if g["metric"] == "min_cosine" else "top-1 agreement"
+    return f"{name} {g['value']:.5f} {'>=' if g['passed'] else '<'} {g['threshold']}: {'pass' if g['passed'] else 'FAIL'}"
 
 
 def write_report(report: dict, bundles: Sequence[Bundle]) -> List[Path]:

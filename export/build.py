@@ -12,6 +12,9 @@ made; the bundle is written by ``export.bundle_writer`` (staged, checked, swappe
 
 To add a backend or a build target: a value in ``BACKENDS`` (runtime.bundle) or ``TARGETS``
 (export.trt_check), its availability in ``resolve_backend``, and its step beside ``add_engine``.
+CPU targets (``--target cpu``, ``cpu-x86-avx2``, ``cpu-x86-avx512``, ``cpu-arm``) choose their
+library and precision together (``export.cpu_target``) and rewrite the FP32 graph for it
+(``export.cpu_graph``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from runtime.preprocess import list_images
 from runtime.trt_env import cuda_python_available, gpu_info, tensorrt_version
 
 from .bundle_writer import ENGINE, StagedBundle, graph_target, parity, run_graph, stage_bundle
+from .cpu_target import CPU_TARGETS, CpuPath, choose_path, target_cpu
 from .registry import ImageSize
 from .trt_check import TARGETS, find_problems
 
@@ -107,7 +111,8 @@ class BuildConfig:
     """What to build. Exactly one source: ``model`` (with ``checkpoint`` or ``random_weights``)
     or ``from_bundle``. ``None`` means the default: precision fp16 from a model, the graph's own
     from a bundle; batch 1:8:32 from a model, the bundle's own from a bundle; target the installed
-    TensorRT's, else trt10; output engines/<model>-<precision>, or the source bundle itself."""
+    TensorRT's, else trt10; output engines/<model>-<precision>, or the source bundle itself. A CPU
+    ``target`` (``export.cpu_target.CPU_TARGETS``) chooses backend and precision itself."""
 
     model: Optional[str] = None
     checkpoint: Optional[str] = None
@@ -135,8 +140,19 @@ class BuildConfig:
             raise OptionError(f"--backend {self.backend!r}: expected auto or one of {', '.join(BACKENDS)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise OptionError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        if self.target is not None and self.target not in TARGETS:
-            raise OptionError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
+        if self.target is not None and self.target not in TARGETS + CPU_TARGETS:
+            raise OptionError(f"--target {self.target!r}: expected one of {', '.join(TARGETS + CPU_TARGETS)}")
+        if not self.cpu_target and (self.backend == "openvino" or self.precision == "bf16"):
+            raise OptionError(f"{'--backend openvino' if self.backend == 'openvino' else '--precision bf16'}: a CPU "
+                              "path; build it with --target cpu (or cpu-x86-avx2, cpu-x86-avx512, cpu-arm)"
+                              + (" --backend openvino" if self.backend == "openvino" else ""))
+        if self.cpu_target:
+            if self.precision is not None:
+                raise OptionError(f"--precision {self.precision} with --target {self.target}: a CPU target chooses the "
+                                  "precision with the path it measures fastest for that CPU; leave --precision out")
+            if self.backend not in ("auto", "onnxruntime", "openvino"):
+                raise OptionError(f"--backend {self.backend} with --target {self.target}: a CPU target runs on "
+                                  "onnxruntime or openvino (or auto)")
         if self.model is not None:
             if (self.checkpoint is None) == (not self.random_weights):
                 raise OptionError("--model needs --checkpoint PATH|URL or --random-weights")
@@ -155,12 +171,16 @@ class BuildConfig:
             if not list_images(folder):
                 raise PathError(f"{folder}: no images found; --calibration-images needs real place images")
 
+    @property
+    def cpu_target(self) -> bool:
+        return self.target in CPU_TARGETS
+
     def output_path(self) -> Path:
         if self.output is not None:
             return Path(self.output)
         if self.from_bundle is not None:
             return Path(self.from_bundle)
-        return Path("engines") / f"{self.model}-{self.precision or 'fp16'}"
+        return Path("engines") / f"{self.model}-{self.target if self.cpu_target else self.precision or 'fp16'}"
 
 
 def log(message: str) -> float:
@@ -209,12 +229,19 @@ def build_bundle(config: BuildConfig) -> Path:
     bundle at the output untouched."""
     config.validate()
     with stage_bundle(config.output_path()) as staged:
-        backend, why = resolve_backend(config.backend)
-        log(f"backend: {backend} ({why})")
+        cpu_path = None
+        if config.cpu_target:
+            cpu = target_cpu(config.target)
+            cpu_path = choose_path(cpu, config.backend)
+            backend = cpu_path.backend
+            log(f"CPU path for {config.target} ({cpu.arch}; {cpu.model}): {cpu_path.name} ({cpu_path.why})")
+        else:
+            backend, why = resolve_backend(config.backend)
+            log(f"backend: {backend} ({why})")
         if config.from_bundle is not None:
             manifest, calibration_data = _from_bundle(config, staged, backend)
         else:
-            manifest, calibration_data = _from_model(config, staged, backend)
+            manifest, calibration_data = _from_model(config, staged, backend, cpu_path)
         if backend in ENGINE_BACKENDS:
             add_engine(config, staged, manifest, calibration_data)
         return staged.publish(manifest)
@@ -232,9 +259,11 @@ def sample_images(pre, count: int = 2) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((2 * count, 3, *pre.size)).astype(np.float32)
 
 
-def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tuple[dict, Optional[np.ndarray]]:
+def _from_model(config: BuildConfig, staged: StagedBundle, backend: str,
+                cpu_path: Optional[CpuPath] = None) -> Tuple[dict, Optional[np.ndarray]]:
     """The torch side: model -> checked ONNX with its precision in ``staged``; (manifest, the
-    calibration set where TensorRT 8.x calibrates it implicitly)."""
+    calibration set where TensorRT 8.x calibrates it implicitly). A CPU path's rewrites replace
+    the precision step."""
     import onnx
     import torch
 
@@ -244,7 +273,7 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     from .trt_check import check_graph
     from .zoo import create_model
 
-    precision = config.precision or "fp16"
+    precision = cpu_path.precision if cpu_path else config.precision or "fp16"
     target = config.target or (installed_target() if backend == "tensorrt" else "trt10")
     opset = config.opset or DEFAULT_OPSET
     cfg = get_config(config.model, image_size=config.image_size, depth=config.depth)
@@ -274,18 +303,28 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
     finish_onnx(raw, staged.onnx, verbose=config.verbose)
     shutil.rmtree(work)
     structure = onnx.load(str(staged.onnx), load_external_data=False)
-    ops = check_graph(structure, target)
     islands = fp32_island_nodes(structure)
+    if cpu_path is None:
+        ops = check_graph(structure, target)
+        log(f"static TensorRT check passed for {target}: {sum(ops.values())} nodes, {len(ops)} op types")
     del structure
-    log(f"static TensorRT check passed for {target}: {sum(ops.values())} nodes, {len(ops)} op types")
 
-    graph_precision, calibration, calibration_data = _set_precision(config, staged, backend, precision,
-                                                                    cfg.preprocessing, islands)
+    if cpu_path is None:
+        graph_precision, calibration, calibration_data = _set_precision(config, staged, backend, precision,
+                                                                        cfg.preprocessing, islands)
+    else:
+        graph_precision, calibration_data = precision, None
+        calibration = _cpu_rewrites(cpu_path, staged, cfg, islands, config.calibration)
     checks = {}
     if reference is not None:
-        checks["parity_vs_pytorch"] = parity(reference, run_graph(staged.onnx, x, split), graph_precision,
-                                             "PyTorch (FP32)")
-        log(f"ONNX Runtime ({graph_precision} graph) vs PyTorch on {len(x)} sample images: min cosine "
+        if backend == "openvino":
+            from .cpu_check import run_openvino_graph
+            got = run_openvino_graph(staged.onnx, x, split, _parity_settings(cpu_path))
+        else:
+            got = run_graph(staged.onnx, x, split)
+        checks["parity_vs_pytorch"] = parity(reference, got, graph_precision,
+                                             "PyTorch (FP32)" + (f", {cpu_path.name} here" if cpu_path else ""))
+        log(f"{'ONNX Runtime' if backend != 'openvino' else 'OpenVINO'} ({graph_precision} graph) vs PyTorch on {len(x)} sample images: min cosine "
             f"{checks['parity_vs_pytorch']['min_cosine']:.7f} (threshold {checks['parity_vs_pytorch']['threshold']})")
     specs = io_specs(staged.onnx)
     manifest = {
@@ -307,8 +346,55 @@ def _from_model(config: BuildConfig, staged: StagedBundle, backend: str) -> Tupl
         manifest["split"] = split
     if calibration:
         manifest["calibration"] = calibration
+    if cpu_path:
+        manifest["cpu"] = cpu_path.manifest_entry(target, target_cpu(target).arch, target_cpu("cpu"))
     log(f"exported in {time.time() - t:.1f} s")
     return manifest, calibration_data
+
+
+def _cpu_rewrites(path: CpuPath, staged: StagedBundle, cfg, islands: Sequence[str],
+                  calibration: CalibrationConfig) -> Optional[dict]:
+    """The CPU path's graph rewrites on the staged FP32 graph (``export.cpu_graph``); returns the
+    manifest's ``calibration`` entry for a quantized graph."""
+    if not path.rewrites:
+        return None
+    import onnx
+
+    from .cpu_graph import fuse_attention, quantize_dynamic_u8s8
+    from .onnx_export import save_onnx
+
+    facts = None
+    source = staged.dir / "fp32-source"  # the FP32 graph (and its external data) moved aside
+    source.mkdir()
+    for f in list(staged.dir.iterdir()):
+        if f != source:
+            f.rename(source / f.name)
+    model = onnx.load(str(source / staged.onnx.name))
+    if "fuse_attention" in path.rewrites:
+        fused = fuse_attention(model, cfg.num_heads)
+        log(f"attention: {fused} blocks fused into MultiHeadAttention")
+    if "quantize_dynamic" in path.rewrites:
+        if calibration.images:
+            log("dynamic INT8 ranges its activations per inference: --calibration-images are not needed here")
+        fused_path = source / "fused.onnx"
+        save_onnx(model, fused_path)
+        del model
+        facts = quantize_dynamic_u8s8(fused_path, staged.onnx, exclude=islands)
+        log(f"dynamic INT8 (U8S8, per-channel weights): {facts['quantized_nodes']} MatMuls quantized")
+    else:
+        save_onnx(model, staged.onnx)
+    shutil.rmtree(source)
+    return facts
+
+
+def _parity_settings(path: Optional[CpuPath]) -> Optional[dict]:
+    """The settings the build machine runs the shipped graph with for the parity check: the
+    path's own where this CPU has what it needs, its fallback's otherwise."""
+    if path is None:
+        return None
+    from runtime.cpu_features import check_cpu_path
+    return check_cpu_path({"cpu": path.manifest_entry("cpu", target_cpu("cpu").arch, target_cpu("cpu"))},
+                          where="parity check").settings
 
 
 def _set_precision(config: BuildConfig, staged: StagedBundle, backend: str, precision: str, pre,
@@ -362,6 +448,9 @@ def _from_bundle(config: BuildConfig, staged: StagedBundle, backend: str) -> Tup
     TensorRT 8.x implicit INT8, the calibration set too."""
     folder = Path(config.from_bundle)
     src = read_manifest(folder)
+    if src.get("cpu"):
+        raise OptionError(f"--from-bundle {folder}: a {src['cpu']['target']} bundle ({src['cpu']['path']}) is final; "
+                          "export the model again with --model for another target or backend")
     graph_files = {k: v for k, v in src["files"].items() if k != "engine"}
     verify_files(folder, {**src, "files": graph_files})
     if backend == "tensorrt":

@@ -7,6 +7,9 @@ graph -> TensorRT engine, or an ONNX Runtime bundle where TensorRT is absent.
     # on the target device (a Jetson, usually without torch): engine from an exported bundle
     python export/build_engine.py --from-bundle engines/salad-vitb14-fp16 --backend tensorrt
 
+    # a CPU: the fastest faithful path for this machine's CPU (library and precision chosen)
+    python export/build_engine.py --model salad-dinov2-vitb14 --checkpoint dino_salad.ckpt --target cpu
+
 The bundle (engines/README.md) is written to a staging folder beside --output and swapped into
 place when complete and checked: an interrupted or failed build leaves the previous bundle as it
 was. An existing --output that is not a bundle is refused. The API is export.build.build_bundle.
@@ -23,7 +26,9 @@ if __package__ in (None, ""):  # run as a script: python export/build_engine.py
 
 from export.build import BatchProfile, BuildConfig, CalibrationConfig, TensorRTConfig, build_bundle  # noqa: E402
 from export.bundle_writer import summary_lines  # noqa: E402
+from export.cpu_target import CPU_TARGETS  # noqa: E402
 from export.registry import parse_image_size  # noqa: E402 (torch-free)
+from export.trt_check import TARGETS  # noqa: E402
 from runtime import units  # noqa: E402
 from runtime.bundle import BACKENDS, PRECISIONS, load_bundle  # noqa: E402
 from runtime.cli_util import ArgumentParser, add_verbose, configure_logs, run_cli  # noqa: E402
@@ -50,19 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=parse_image_size, metavar="N|HxW",
                    help="input size, square N or HxW, e.g. 240x320 (default: the model's official one; "
                         "MegaLoc rounds each side to a multiple of 14 as its official code does)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
+    p.add_argument("--precision", choices=[q for q in PRECISIONS if q != "bf16"], default=None,
                    help="fp32; fp16 (FP16 graph with FP32 LayerNorm/softmax/Sinkhorn/L2 islands; the default from "
                         "--model); int8 (Q/DQ graph calibrated on --calibration-images). --from-bundle keeps the "
                         "graph's precision")
     p.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto",
                    help="auto: TensorRT when it imports and a GPU is present, else ONNX Runtime (CPU); "
-                        "tensorrt-rtx: a TensorRT-RTX engine for RTX GPUs, built ahead of time (no GPU needed)")
+                        "tensorrt-rtx: a TensorRT-RTX engine for RTX GPUs, built ahead of time (no GPU needed); "
+                        "with a CPU --target: auto picks the fastest measured path, onnxruntime or openvino "
+                        "(optional package) restricts it to that library")
     p.add_argument("--batch", default=None, metavar="MIN:OPT:MAX",
                    help="optimisation profile of the batch axis (default 1:8:32; --from-bundle: the bundle's)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
-    p.add_argument("--target", choices=("trt8.5", "trt8.6", "trt10", "trt11"), default=None,
-                   help="TensorRT generation the graph must suit (default: the installed one, else trt10); "
-                        "trt8.5 (JetPack 5) decomposes LayerNorm")
+    p.add_argument("--target", choices=TARGETS + CPU_TARGETS, default=None,
+                   help="TensorRT generation the graph must suit (default: the installed one, else trt10; "
+                        "trt8.5 (JetPack 5) decomposes LayerNorm), or a CPU: cpu (this machine's features) or "
+                        "cpu-x86-avx2, cpu-x86-avx512, cpu-arm (another machine's); a CPU target picks the fastest "
+                        "faithful library and precision for that CPU itself (no --precision)")
     p.add_argument("--workspace", type=_size, default=None, help="TensorRT workspace limit, e.g. 4GB")
     p.add_argument("--timing-cache", type=Path, default=None, help="TensorRT timing cache file, read and updated")
     p.add_argument("--opt-level", type=int, choices=range(0, 6), default=None, metavar="0-5",

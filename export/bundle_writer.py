@@ -49,7 +49,8 @@ from .trt_check import check_graph
 # measured at full depth (BENCHMARKS.md §7): FP32 differs only by kernel rounding (1 - 1e-12);
 # FP16 keeps LayerNorm, softmax and Sinkhorn in FP32 islands (>= 0.9999998); INT8 quantizes the
 # MatMul/Gemm/Conv inputs only (>= 0.9998 with the official fixture's SALAD weights).
-PARITY_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.99}
+# bf16 (OpenVINO's inference precision on CPU) is FP16-class: the same 0.999.
+PARITY_MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "bf16": 0.999, "int8": 0.99}
 ONNX, ENGINE = "model.onnx", "engine.plan"
 
 
@@ -92,7 +93,10 @@ def graph_target(manifest: dict) -> str:
 def graph_checks(path: Path, manifest: dict) -> Dict[str, dict]:
     """onnx.checker, the static TensorRT check and, wherever TensorRT-RTX imports, TensorRT's own
     parser and ahead-of-time builder on the graph that ships (a TensorRT-RTX bundle's engine build
-    is that check already)."""
+    is that check already). A CPU bundle gets the CPU graph checks instead (export/cpu_check.py)."""
+    if manifest.get("cpu"):
+        from .cpu_check import cpu_graph_checks
+        return cpu_graph_checks(path, manifest)
     from .trt_rtx import rtx_check
 
     target = graph_target(manifest)
@@ -184,6 +188,10 @@ def summary_lines(bundle: Bundle) -> List[str]:
     passed = ["manifest and sha256 verified"]
     if "onnx_checker" in checks:
         passed.append("onnx.checker (full)")
+    cpu = checks.get("cpu_graph_check")
+    if isinstance(cpu, dict):
+        passed.append(f"CPU graph check for {cpu['target']} on {cpu['backend']}: every one of {cpu['nodes']} nodes "
+                      "has a kernel")
     static = checks.get("tensorrt_static_check")
     if isinstance(static, dict):
         passed.append(f"TensorRT static check for {static['target']}: 0 problems in {static['nodes']} nodes")

@@ -105,6 +105,10 @@ class ModelConfig:
         return ARCHS[self.arch][1]
 
     @property
+    def num_heads(self) -> int:
+        return self.embed_dim // 64  # DINOv2: 64 channels per attention head
+
+    @property
     def spec(self) -> "Method":
         return get_method(self.method)
 

@@ -21,8 +21,9 @@ CALIBRATION_CACHE = "calibration.cache"  # TensorRT 8.x implicit INT8 calibratio
 REPORT = "precision_report.json"  # written into a bundle after its build (python -m calibration report)
 FORMAT_VERSION = 1
 ENGINE_BACKENDS = ("tensorrt", "tensorrt-rtx")  # engine.plan, run by runtime/backends/tensorrt_backend.py
-BACKENDS = ("onnxruntime",) + ENGINE_BACKENDS
-PRECISIONS = ("fp32", "fp16", "int8")
+CPU_BACKENDS = ("onnxruntime", "openvino")  # run the bundle's model.onnx
+BACKENDS = CPU_BACKENDS + ENGINE_BACKENDS
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # bf16: OpenVINO's CPU inference precision (a CPU path)
 REQUIRED = ("format_version", "model", "preprocessing", "precision", "backend", "inputs", "outputs",
             "batch", "files", "weights", "build")
 
@@ -189,4 +190,8 @@ def describe(bundle: Bundle) -> List[str]:
              f"{m['precision']} on {m['backend']}, batch {m['batch']['min']}:{m['batch']['opt']}:{m['batch']['max']}, {weights}"]
     for name, spec in m["outputs"].items():
         lines.append(f"  output {name}: {spec['shape']} {spec.get('dtype', 'float32')}")
+    cpu = m.get("cpu")
+    if isinstance(cpu, dict):
+        lines.append(f"  CPU path: {cpu.get('path')} for {cpu.get('target')} ({cpu.get('arch')}; chosen for "
+                     f"{', '.join(cpu.get('requires', [])) or 'no particular features'})")
     return lines

@@ -33,4 +33,4 @@ fi
     tests/test_bundle.py tests/test_maps.py tests/test_datasets.py tests/test_loop.py tests/test_sinkhorn.py \
     tests/test_reliability.py tests/test_properties.py tests/test_map_build.py tests/test_timing.py \
     tests/test_decisions.py tests/test_loop_cli.py tests/test_output_dirs.py tests/test_api.py tests/test_formats.py \
-    tests/test_rtabmap_plugin.py
+    tests/test_rtabmap_plugin.py tests/test_cpu_features.py

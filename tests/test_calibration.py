@@ -107,6 +107,11 @@ def test_precision_report_agreement_and_cosine(bundles, tmp_path):
     for row in rows.values():
         assert row["top1_agreement_within_tie"] >= row["top1_agreement"]
         assert len(row["top1_disagreements"]) == round((1 - row["top1_agreement"]) * 111)
+    # the report says which fidelity gate each precision class must pass
+    assert rows["fp16"]["gate"] == {"metric": "min_cosine", "threshold": 0.999,
+                                    "value": rows["fp16"]["cosine_to_fp32"]["min"], "passed": True}
+    assert rows["int8"]["gate"]["metric"] == "top1_agreement" and rows["int8"]["gate"]["threshold"] == 0.98
+    assert "fidelity gate" in proc.stdout and "top-1 agreement" in proc.stdout
     assert (bundles / "int8" / "precision_report.json").is_file()
 
 

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..bundle import ENGINE_BACKENDS, Bundle
+from ..errors import OptionError
 
 
 class Backend:
@@ -23,9 +24,14 @@ class Backend:
 
 def open_backend(bundle: Bundle, threads: Optional[int] = None, device: str = "cpu",
                  cuda_graph: bool = False) -> Backend:
-    """The backend a bundle was built for."""
+    """The backend a bundle was built for (its manifest's ``backend``)."""
     if bundle.backend in ENGINE_BACKENDS:
         from .tensorrt_backend import TensorRTBackend
         return TensorRTBackend(bundle, cuda_graph=cuda_graph)
+    if bundle.backend == "openvino":
+        if device != "cpu":
+            raise OptionError(f"--device {device}: {bundle.path} is an OpenVINO CPU bundle")
+        from .openvino_backend import OpenVINOBackend
+        return OpenVINOBackend(bundle, threads=threads)
     from .ort_backend import OnnxRuntimeBackend
     return OnnxRuntimeBackend(bundle, threads=threads, device=device)

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Bundle
+from ..cpu_features import check_cpu_path
 from ..errors import OptionError
 from . import Backend
 
@@ -38,6 +39,7 @@ class OnnxRuntimeBackend(Backend):
                 raise OptionError(f"--device cuda: this ONNX Runtime has no CUDA execution provider (it has "
                                   f"{', '.join(available)}); install onnxruntime-gpu, or use --device cpu")
             providers.insert(0, "CUDAExecutionProvider")
+        self.check = check_cpu_path(bundle.manifest, where=str(bundle.path))  # a CPU path: warn where it does not fit
         self.session = ort.InferenceSession(str(bundle.file("onnx")), sess_options=session_options(threads),
                                             providers=providers)
         self.input_name = self.session.get_inputs()[0].name
