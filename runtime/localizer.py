@@ -20,8 +20,9 @@ from .decisions import DecisionRule, load_acceptance
 from .encoder import Encoder
 from .errors import OptionError
 from .inputs import to_rgb
-from .loop import LocalizationLoop, LoopConfig, faiss_threads, search_threads
+from .loop import LocalizationLoop, LoopConfig, search_threads
 from .maps import PlaceMap, bundle_identity, check_compatible, load_map
+from .maps.search import faiss_threads
 from .pipeline import Match, Pipeline
 from .sources import Frame
 from .timing import StageTimer

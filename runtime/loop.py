@@ -47,15 +47,15 @@ import math
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Tuple
 
 from .decisions import DecisionRule
 from .encoder import Encoder
 from .errors import OptionError
 from .maps import PlaceMap
+from .maps.search import faiss_threads
 from .pipeline import Pipeline
 from .sources import COMPLETE, Frame
 from .timing import StageTimer
@@ -202,21 +202,6 @@ class FrameBuffer:
         if frames:
             with self.cond:
                 self.items.extendleft(reversed(frames))
-
-
-@contextmanager
-def faiss_threads(n: Optional[int]) -> Iterator[None]:
-    """FAISS's OpenMP threads for the calling thread, restored afterwards (None: unchanged)."""
-    if n is None:
-        yield
-        return
-    import faiss
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
 
 
 def search_threads(place_map: PlaceMap, requested: Optional[int] = None) -> Optional[int]:
