@@ -2,6 +2,7 @@
 official SALAD, SelaVPR, CricaVPR, MegaLoc and BoQ code (tests/fixtures/reference). Full-size
 models: these are the only tests that need them. Tolerances are the fixture README's."""
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -25,8 +26,13 @@ PHOTO = Path(__file__).parent / "fixtures/reference/preprocessing/vprbench_oneim
 
 def _load(model_name: str, fixture_name: str, tmp_path_factory, file_name: str = "official.ckpt",
           fmt: str = "") -> tuple:
+    """The model from a checkpoint in its official container; the file goes once the weights are in
+    memory (the five full-size checkpoints take several GB of disk)."""
     ckpt = save_official_checkpoint(fixture_name, tmp_path_factory.mktemp(fixture_name) / file_name)
-    model, cfg, info = create_model(model_name, checkpoint=str(ckpt))
+    try:
+        model, cfg, info = create_model(model_name, checkpoint=str(ckpt))
+    finally:
+        ckpt.unlink()
     assert info["format"] == (fmt or fixture_name)
     return model, cfg
 
@@ -51,9 +57,11 @@ def cricavpr(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def megaloc_checkpoint(tmp_path_factory) -> Path:
+def megaloc_checkpoint(tmp_path_factory) -> Iterator[Path]:
     """The Hugging Face container: model.safetensors."""
-    return save_official_checkpoint("megaloc", tmp_path_factory.mktemp("megaloc") / "model.safetensors")
+    path = save_official_checkpoint("megaloc", tmp_path_factory.mktemp("megaloc") / "model.safetensors")
+    yield path
+    path.unlink()
 
 
 @pytest.fixture(scope="module")
