@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set, Union
 
 from .errors import UserError
-from .files import atomic_write, sha256_file
+from .files import atomic_write, check_listed_file, sha256_file
 from .preprocess import Preprocessing
 
 MANIFEST = "manifest.json"
@@ -135,15 +135,7 @@ def verify_files(folder: Path, manifest: dict) -> None:
     """Every listed file exists with its recorded size and sha256 (size first: a truncated
     engine is caught without hashing or deserialising it)."""
     for role, entry in manifest["files"].items():
-        f = folder / entry["name"]
-        if not f.is_file():
-            raise BundleError(f"{f}: missing ({role}); rebuild the bundle")
-        size = f.stat().st_size
-        if size != entry["size"]:
-            raise BundleError(f"{f}: {size} bytes, the manifest says {entry['size']} (truncated or replaced); "
-                              "rebuild the bundle")
-        if sha256_file(f) != entry["sha256"]:
-            raise BundleError(f"{f}: sha256 differs from the manifest (corrupted or replaced); rebuild the bundle")
+        check_listed_file(folder / entry["name"], entry, role, "rebuild the bundle", BundleError)
 
 
 def load_bundle(folder: Union[str, Path], verify: bool = True, check_engine: bool = True) -> Bundle:

@@ -29,6 +29,19 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_listed_file(path: Path, entry: dict, what: str, fix: str, error: Callable[[str], Exception],
+                      hash: bool = True) -> None:
+    """A file a manifest lists (``entry``: size, sha256) is there, whole and, with ``hash``,
+    unchanged. Size first: a truncated file is caught without reading it."""
+    if not path.is_file():
+        raise error(f"{path}: missing ({what}); {fix}")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise error(f"{path}: {size} bytes, the manifest says {entry['size']} ({what} truncated or replaced); {fix}")
+    if hash and sha256_file(path) != entry["sha256"]:
+        raise error(f"{path}: {what} is corrupted (sha256 differs from the manifest); {fix}")
+
+
 def atomic_write(path: PathLike, write: Callable) -> None:
     """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename over it."""
     path = Path(path)

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import faiss
 import numpy as np
 
-from ..files import sha256_file
+from ..files import check_listed_file
 from .index import fill_ivfpq, filled_flat, read_trained, set_search_params
 from .layout import MapError, read_manifest, segment_dir, store_file, training_dir, version_path
 from .lock import Lease, take_lease
@@ -88,17 +88,10 @@ class PlaceMap:
 
 
 def _check_file(path: Path, entry: dict, verify: str, what: str) -> None:
-    if not path.is_file():
-        raise MapError(f"{path}: missing ({what}); restore it, or rebuild the map (python -m runtime map build)")
-    size = path.stat().st_size
-    if size != entry["size"]:
-        raise MapError(f"{path}: {size} bytes, the map says {entry['size']} ({what} truncated or replaced); "
-                       "restore it, or rebuild the map (python -m runtime map build)")
-    if verify == "full" or (verify == "quick" and size <= QUICK_HASH_MAX):
-        if sha256_file(path) != entry["sha256"]:
-            raise MapError(f"{path}: {what} is corrupted (sha256 differs from the map's manifest); restore the "
-                           "file, or rebuild the map (python -m runtime map build); python -m runtime map verify "
-                           f"--map {path.parents[2]} checks every segment")
+    fix = (f"restore it, or rebuild the map (python -m runtime map build); python -m runtime map verify "
+           f"--map {path.parents[2]} checks every segment")
+    check_listed_file(path, entry, what, fix, MapError,
+                      hash=verify == "full" or (verify == "quick" and entry["size"] <= QUICK_HASH_MAX))
 
 
 def segment_files(folder: Path, meta: dict):
