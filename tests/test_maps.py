@@ -320,7 +320,7 @@ def test_tune_sets_the_search_depth_of_this_reader_only(tmp_path):
     ivf = faiss.extract_index_ivf(m.index)
     q = noisy(x, np.arange(0, 3000, 97), seed=5)
     m.tune(nprobe=ivf.nlist, shortlist=400)
-    assert ivf.nprobe == ivf.nlist and faiss.extract_index_ivf(other.index).nprobe == 32
+    assert ivf.nprobe == ivf.nlist and faiss.extract_index_ivf(other.index).nprobe == 16
     _, ids = m.search(q, 10)
     _, cand = m.index.search(q, 400)  # every list probed: the exact re-rank sees 400 rows a query
     rows = np.asarray(m.descriptors, dtype=np.float32)

@@ -7,20 +7,35 @@ stay available with ``--index``. Measured in BENCHMARKS.md §5.
 
 PCA + IVF-PQ (the recipe of shared/research/round2-anchors.md §5, autofaiss' choice at 1M): PCA
 to 256-D by a randomized SVD (seconds at 8448-D, where faiss's PCAMatrix eigen-decomposes the
-full covariance on one thread), an IVF of 4 sqrt(n) lists, PQ codes of 4 dimensions per byte on
-the residuals, L2 in PCA space (the original vectors are unit-length, so L2 there ranks like the
-inner product, and it needs no re-normalisation after the projection). The shortlist is then
-re-ranked exactly from the store (search.py).
+full covariance on one thread), whitened; an IVF of 4 sqrt(n) lists, PQ codes of 4 dimensions per
+byte on the residuals, L2 in the whitened space. The shortlist is then re-ranked exactly (inner
+products of the full descriptors) from the store (search.py), so the whitened space only has to
+bring the right rows into the shortlist, not to order them.
+
+Why whitened (PCA-whitening, Jégou & Chum, ECCV 2012; the reduction NetVLAD and MegaLoc use):
+the few directions of largest variance across a map are mostly appearance (each traversal's
+season or daylight), shared by every place seen under it. Unwhitened, they dominate L2 in the
+reduced space: k-means splits the map by traversal (every list of the 1M benchmark map held a
+single traversal), a place's views land in one list per traversal, and a query under an appearance
+the map has not seen is about equally far from all of them, so the list holding its best match
+ranked 76th at p90 and 279th at p99 of 4096 (R@1 0.82 at nprobe 32, BENCHMARKS.md §5). Scaled to
+unit variance, those directions weigh no more than any other, a place's traversals share a list,
+and that list ranked first for 297 of the 300 queries and second for the other 3 (R@1 1.00 from nprobe 2;
+the default probes 16). Component variances below ``WHITEN_FLOOR`` of the largest are treated as that floor. Maps trained before
+(``params`` without ``whiten``) keep their unwhitened transform, which is stored with their
+training, until they are retrained.
 
 The coarse quantizer is flat (exact) up to 8192 lists (8M places) and an HNSW graph over the
-centroids beyond. Measured at 200k x 8448 (2048 lists, BENCHMARKS.md §5): the flat quantizer
-finds a query's 32 lists in 0.09 ms; an HNSW32 graph over the same centroids took 0.2 ms at
-efSearch 256 and still missed a quarter of those lists for queries under an unseen appearance
-(they lie far from every centroid, nearly equidistant from most), which cut R@1 to 0.76 against
-1.00 with the flat quantizer. Flat costs nlist x 256 multiply-adds per query (0.35 ms at 8192
-lists, twice that at 16384); from 16384 lists the graph is used, searched deeply (efSearch 1024:
-0.999 of the exact lists at 2048 centroids, 0.7 ms) and with the rows assigned at efSearch 512
-(0.998 of them to their nearest list).
+centroids beyond. Flat costs nlist x 256 multiply-adds per query (0.1 ms at 4096 lists, 0.35 ms
+at 8192, twice that at 16384). The graph is not trusted below: over the 4096 centroids of the 1M
+benchmark map an HNSW32 graph (efConstruction 40) found the query's nearest list for 0.59 of the
+queries at efSearch 512 (0.80 at 1024), and with whitened centroids 0.83 at 512 and still not all
+at efSearch 4096, i.e. visiting every node it can reach. efSearch is in effect (the share of the
+exact 32 lists grows with it); the limit is reachability: 42 (357 whitened) of the 4096 centroids
+have no incoming link at level 0 once faiss's neighbour pruning has kept each node's links to
+the central, hub-like centroids, and the compact list of a query's own place is typically one of
+those. From 16384 lists the graph is used, searched deeply (efSearch 1024) and with the rows
+assigned at efSearch 512.
 
 Incremental: the index is trained once, on a seeded sample of the map (bounded: 30k rows for the
 PCA, 40 per centroid for the IVF, 200k at most). Each segment's part (its inverted-list numbers
@@ -47,18 +62,20 @@ HNSW_COARSE_LISTS = 16_384  # an HNSW graph over the IVF centroids from this man
 HNSW_M = 32
 PCA_DIM = 256
 PCA_SAMPLE = 30_000
+WHITEN_FLOOR = 1e-4  # smallest component variance whitened, relative to the largest (pca_transform)
 IVF_SAMPLE_PER_LIST = 40
 IVF_SAMPLE_MAX = 200_000
 RETRAIN_GROWTH = 4
 SEED = 0
+NPROBE = 16  # lists probed per query by default (BENCHMARKS.md §5); PlaceMap.tune sets it per reader
 
 
 def ivf_params(n: int, d: int) -> dict:
     pca = min(d, PCA_DIM)
     nlist = int(2 ** round(math.log2(max(8.0, 4 * math.sqrt(n)))))
     nlist = max(8, min(nlist, n // IVF_SAMPLE_PER_LIST, 65536))
-    return {"pca_dim": pca, "nlist": nlist, "pq_m": max(1, pca // 4), "nbits": 8,
-            "coarse": "hnsw" if nlist >= HNSW_COARSE_LISTS else "flat", "nprobe": min(nlist, 32),
+    return {"pca_dim": pca, "whiten": True, "nlist": nlist, "pq_m": max(1, pca // 4), "nbits": 8,
+            "coarse": "hnsw" if nlist >= HNSW_COARSE_LISTS else "flat", "nprobe": min(nlist, NPROBE),
             "shortlist": 100}
 
 
@@ -104,15 +121,25 @@ def _orthonormal(y: np.ndarray) -> np.ndarray:
     return (y @ (v[:, keep] / np.sqrt(w[keep])).astype(np.float32)).astype(np.float32)
 
 
-def pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
+def pca_transform(x: np.ndarray, k: int, whiten: bool = False) -> faiss.LinearTransform:
     """PCA to ``k`` dimensions by a randomized SVD (Halko et al. 2011: range finder with two power
-    iterations), in matrix products and small eigen-decompositions."""
+    iterations), in matrix products and small eigen-decompositions. ``whiten``: each component
+    scaled to unit variance (PCA-whitening, module doc), its variance floored at ``WHITEN_FLOOR``
+    of the largest so that directions the sample barely spans are not blown up."""
     n, d = x.shape
-    if k >= d:
-        a, b = np.eye(d, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    if k >= d and not whiten:
+        lt = faiss.LinearTransform(d, d, True)
+        faiss.copy_array_to_vector(np.eye(d, dtype=np.float32).ravel(), lt.A)
+        faiss.copy_array_to_vector(np.zeros(d, dtype=np.float32), lt.b)
+        lt.is_trained = True
+        return lt
+    mean = x.mean(axis=0)
+    xc = x - mean
+    if k >= d:  # every component: the eigen-decomposition of the small covariance
+        w, u = np.linalg.eigh((xc.T @ xc).astype(np.float64))
+        top = np.argsort(w)[::-1][:d]
+        w, a = w[top], np.ascontiguousarray(u[:, top].T, dtype=np.float32)
     else:
-        mean = x.mean(axis=0)
-        xc = x - mean
         rng = np.random.default_rng(SEED)
         y = xc @ rng.standard_normal((d, min(d, k + 16))).astype(np.float32)
         for _ in range(2):
@@ -122,9 +149,12 @@ def pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
         bmat = q.T @ xc  # (l, d): its right singular vectors are the principal axes
         w, u = np.linalg.eigh((bmat @ bmat.T).astype(np.float64))
         top = np.argsort(w)[::-1][:k]
-        vt = (u[:, top] / np.sqrt(np.maximum(w[top], 1e-30))).T.astype(np.float32) @ bmat
-        a = np.ascontiguousarray(vt, dtype=np.float32)
-        b = (-a @ mean).astype(np.float32)
+        w = w[top]  # squared singular values of xc: n x the variance along each axis
+        a = np.ascontiguousarray((u[:, top] / np.sqrt(np.maximum(w, 1e-30))).T.astype(np.float32) @ bmat)
+    if whiten:
+        var = np.maximum(w, 0) / max(n, 1)
+        a *= (1 / np.sqrt(np.maximum(var, max(var.max(), 1e-30) * WHITEN_FLOOR))).astype(np.float32)[:, None]
+    b = (-a @ mean).astype(np.float32)
     lt = faiss.LinearTransform(d, a.shape[0], True)
     faiss.copy_array_to_vector(a.ravel(), lt.A)
     faiss.copy_array_to_vector(b, lt.b)
@@ -140,7 +170,7 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     """An empty, trained PCA + IVF-PQ index from a seeded sample of ``rows``."""
     d = rows.shape[1]
     p = ivf_params(n, d)
-    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"])
+    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"], p["whiten"])
     ids = sample_ids(n, min(IVF_SAMPLE_MAX, max(PCA_SAMPLE, IVF_SAMPLE_PER_LIST * p["nlist"])), SEED + 1)
     xt = np.concatenate([pca.apply(np.asarray(rows[ids[i:i + 8192]], dtype=np.float32))
                          for i in range(0, len(ids), 8192)])
