@@ -170,15 +170,27 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     """An empty, trained PCA + IVF-PQ index from a seeded sample of ``rows``."""
     d = rows.shape[1]
     p = ivf_params(n, d)
-    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"], p["whiten"])
-    ids = sample_ids(n, min(IVF_SAMPLE_MAX, max(PCA_SAMPLE, IVF_SAMPLE_PER_LIST * p["nlist"])), SEED + 1)
+    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"],
+                        p.get("whiten", False))
+    ids = ivf_sample(n, p["nlist"])
     xt = np.concatenate([pca.apply(np.asarray(rows[ids[i:i + 8192]], dtype=np.float32))
                          for i in range(0, len(ids), 8192)])
-    dp = p["pca_dim"]
+    return faiss.IndexPreTransform(pca, train_ivf(xt, p)), p
+
+
+def ivf_sample(n: int, nlist: int) -> np.ndarray:
+    """The rows (of ``n``) the IVF's k-means and the PQ codebooks are trained on."""
+    return sample_ids(n, min(IVF_SAMPLE_MAX, max(PCA_SAMPLE, IVF_SAMPLE_PER_LIST * nlist)), SEED + 1)
+
+
+def train_ivf(xt: np.ndarray, p: dict) -> faiss.IndexIVFPQ:
+    """An empty IVF-PQ index trained on reduced rows ``xt`` (k-means lists, PQ on the residuals)."""
+    dp = xt.shape[1]
     quantizer = faiss.IndexHNSWFlat(dp, HNSW_M) if p["coarse"] == "hnsw" else faiss.IndexFlatL2(dp)
     ivf = faiss.IndexIVFPQ(quantizer, dp, p["nlist"], p["pq_m"], p["nbits"])
+    clustering = faiss.IndexFlatL2(dp)  # exact k-means; a graph quantizer only serves assignment
     if p["coarse"] == "hnsw":
-        ivf.clustering_index = faiss.IndexFlatL2(dp)  # exact k-means; the graph only serves assignment
+        ivf.clustering_index = clustering  # a pointer faiss does not own: ``clustering`` keeps it alive
         quantizer.hnsw.efConstruction = 40
         quantizer.hnsw.efSearch = 512  # assigning the map's rows to their lists (module doc)
     ivf.use_precomputed_table = -1  # no precomputed distance tables (see read_trained)
@@ -187,7 +199,8 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # sample sizes are ours (quiet)
     ivf.cp.max_points_per_centroid = 1 << 20  # the IVF sample is already bounded; PQ keeps faiss' 256 per code
     ivf.train(xt)
-    return faiss.IndexPreTransform(pca, ivf), p
+    ivf.clustering_index = None
+    return ivf
 
 
 def read_trained(path) -> faiss.Index:
