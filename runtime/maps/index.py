@@ -15,27 +15,26 @@ bring the right rows into the shortlist, not to order them.
 Why whitened (PCA-whitening, Jégou & Chum, ECCV 2012; the reduction NetVLAD and MegaLoc use):
 the few directions of largest variance across a map are mostly appearance (each traversal's
 season or daylight), shared by every place seen under it. Unwhitened, they dominate L2 in the
-reduced space: k-means splits the map by traversal (every list of the 1M benchmark map held a
-single traversal), a place's views land in one list per traversal, and a query under an appearance
-the map has not seen is about equally far from all of them, so the list holding its best match
-ranked 76th at p90 and 279th at p99 of 4096 (R@1 0.82 at nprobe 32, BENCHMARKS.md §5). Scaled to
-unit variance, those directions weigh no more than any other, a place's traversals share a list,
-and that list ranked first for 297 of the 300 queries and second for the other 3 (R@1 1.00 from nprobe 2;
-the default probes 16). Component variances below ``WHITEN_FLOOR`` of the largest are treated as that floor. Maps trained before
-(``params`` without ``whiten``) keep their unwhitened transform, which is stored with their
-training, until they are retrained.
+reduced space: on the 1M benchmark map k-means gave every list views of a single traversal, a
+place's views sat in one list per traversal, and a query under an appearance the map has not seen,
+about equally far from all of them, found the list of its best match ranked 76th at p90 and 279th
+at p99 of 4096 (R@1 0.82 at nprobe 32). Scaled to unit variance, those directions weigh no more
+than any other, a place's traversals share a list, and that list ranked first for 298 of the 300
+queries and second for the other 2 (R@1 1.00 from nprobe 2; the default probes 16). Measured with
+benchmarks/maps_coarse.py, BENCHMARKS.md §5. The exact re-rank orders the candidates, so noisy
+low-variance components cost candidates, not order; their variance is floored at
+``WHITEN_FLOOR`` of the largest (at most 100x in scale). Maps trained before (``params`` without
+``whiten``) keep their unwhitened transform, stored with their training, until retrained.
 
 The coarse quantizer is flat (exact) up to 8192 lists (8M places) and an HNSW graph over the
-centroids beyond. Flat costs nlist x 256 multiply-adds per query (0.1 ms at 4096 lists, 0.35 ms
-at 8192, twice that at 16384). The graph is not trusted below: over the 4096 centroids of the 1M
-benchmark map an HNSW32 graph (efConstruction 40) found the query's nearest list for 0.59 of the
-queries at efSearch 512 (0.80 at 1024), and with whitened centroids 0.83 at 512 and still not all
-at efSearch 4096, i.e. visiting every node it can reach. efSearch is in effect (the share of the
-exact 32 lists grows with it); the limit is reachability: 42 (357 whitened) of the 4096 centroids
-have no incoming link at level 0 once faiss's neighbour pruning has kept each node's links to
-the central, hub-like centroids, and the compact list of a query's own place is typically one of
-those. From 16384 lists the graph is used, searched deeply (efSearch 1024) and with the rows
-assigned at efSearch 512.
+centroids beyond. Flat costs nlist x 256 multiply-adds per query (0.08 ms at 4096 lists). The
+graph is not trusted below (BENCHMARKS.md §5): over the 4096 centroids of the 1M benchmark map an
+HNSW32 graph (efConstruction 40) returned a query's nearest list for 0.60 of the queries at
+efSearch 256 (whitened centroids) and for 0.91 even with every node allowed. efSearch is in
+effect; the limit is reachability: faiss's neighbour pruning keeps each node's links to hub-like
+central centroids, up to 444 of the 4096 get no incoming link at level 0, and the compact list of
+a query's own place is often one of those. From 16384 lists the graph is used, searched deeply
+(efSearch 1024) and with the rows assigned at efSearch 512.
 
 Incremental: the index is trained once, on a seeded sample of the map (bounded: 30k rows for the
 PCA, 40 per centroid for the IVF, 200k at most). Each segment's part (its inverted-list numbers
@@ -43,7 +42,9 @@ and PQ codes) is computed from its own descriptors when it is added, so ``map ad
 O(added). It is retrained (every part recomputed, descriptors untouched) when the map has grown
 to 4x the size it was trained at, or when ``auto`` would now choose another index type. Flat and
 SQfp16 have nothing to train: they are filled from the store at load. HNSW's graph is one
-structure: ``map add`` extends a copy of it (O(map) in index size).
+structure: ``map add`` extends a copy of it (O(map) in index size). The whitening is part of the
+training: an added segment is projected with it (an appearance the training never saw lies mostly
+outside its 256 components, as a query's does).
 """
 from __future__ import annotations
 
