@@ -199,6 +199,9 @@ def main() -> int:
     p.add_argument("--search", default="2,4,8,16,32", help="nprobe values searched with the PQ shortlist")
     p.add_argument("--hnsw", action="store_true", help="also an HNSW graph over each variant's centroids")
     args = p.parse_args()
+    missing = [f for f in ("map", "queries.npy", "truth16.npy") if not (args.kept / f).exists()]
+    if missing:
+        p.error(f"{args.kept}: no {', '.join(missing)}; give a folder kept by benchmarks/maps.py --keep")
     names = args.variants.split(",")
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
