@@ -7,20 +7,34 @@ stay available with ``--index``. Measured in BENCHMARKS.md §5.
 
 PCA + IVF-PQ (the recipe of shared/research/round2-anchors.md §5, autofaiss' choice at 1M): PCA
 to 256-D by a randomized SVD (seconds at 8448-D, where faiss's PCAMatrix eigen-decomposes the
-full covariance on one thread), an IVF of 4 sqrt(n) lists, PQ codes of 4 dimensions per byte on
-the residuals, L2 in PCA space (the original vectors are unit-length, so L2 there ranks like the
-inner product, and it needs no re-normalisation after the projection). The shortlist is then
-re-ranked exactly from the store (search.py).
+full covariance on one thread), whitened; an IVF of 4 sqrt(n) lists, PQ codes of 4 dimensions per
+byte on the residuals, L2 in the whitened space. The shortlist is then re-ranked exactly (inner
+products of the full descriptors) from the store (search.py), so the whitened space only has to
+bring the right rows into the shortlist, not to order them.
+
+Why whitened (PCA-whitening, Jégou & Chum, ECCV 2012; the reduction NetVLAD and MegaLoc use):
+the few directions of largest variance across a map are mostly appearance (each traversal's
+season or daylight), shared by every place seen under it. Unwhitened, they dominate L2 in the
+reduced space: on the 1M benchmark map k-means gave every list views of a single traversal, a
+place's views sat in one list per traversal, and a query under an appearance the map has not seen,
+about equally far from all of them, found the list of its best match ranked 76th at p90 and 279th
+at p99 of 4096 (R@1 0.82 at nprobe 32). Scaled to unit variance, those directions weigh no more
+than any other, a place's traversals share a list, and that list ranked first for 298 of the 300
+queries and second for the other 2 (R@1 1.00 from nprobe 2; the default probes 16). Measured with
+benchmarks/maps_coarse.py, BENCHMARKS.md §5. The exact re-rank orders the candidates, so noisy
+low-variance components cost candidates, not order; their variance is floored at
+``WHITEN_FLOOR`` of the largest (at most 100x in scale). Maps trained before (``params`` without
+``whiten``) keep their unwhitened transform, stored with their training, until retrained.
 
 The coarse quantizer is flat (exact) up to 8192 lists (8M places) and an HNSW graph over the
-centroids beyond. Measured at 200k x 8448 (2048 lists, BENCHMARKS.md §5): the flat quantizer
-finds a query's 32 lists in 0.09 ms; an HNSW32 graph over the same centroids took 0.2 ms at
-efSearch 256 and still missed a quarter of those lists for queries under an unseen appearance
-(they lie far from every centroid, nearly equidistant from most), which cut R@1 to 0.76 against
-1.00 with the flat quantizer. Flat costs nlist x 256 multiply-adds per query (0.35 ms at 8192
-lists, twice that at 16384); from 16384 lists the graph is used, searched deeply (efSearch 1024:
-0.999 of the exact lists at 2048 centroids, 0.7 ms) and with the rows assigned at efSearch 512
-(0.998 of them to their nearest list).
+centroids beyond. Flat costs nlist x 256 multiply-adds per query (0.08 ms at 4096 lists). The
+graph is not trusted below (BENCHMARKS.md §5): over the 4096 centroids of the 1M benchmark map an
+HNSW32 graph (efConstruction 40) returned a query's nearest list for 0.60 of the queries at
+efSearch 256 (whitened centroids) and for 0.91 even with every node allowed. efSearch is in
+effect; the limit is reachability: faiss's neighbour pruning keeps each node's links to hub-like
+central centroids, up to 444 of the 4096 get no incoming link at level 0, and the compact list of
+a query's own place is often one of those. From 16384 lists the graph is used, searched deeply
+(efSearch 1024) and with the rows assigned at efSearch 512.
 
 Incremental: the index is trained once, on a seeded sample of the map (bounded: 30k rows for the
 PCA, 40 per centroid for the IVF, 200k at most). Each segment's part (its inverted-list numbers
@@ -28,7 +42,9 @@ and PQ codes) is computed from its own descriptors when it is added, so ``map ad
 O(added). It is retrained (every part recomputed, descriptors untouched) when the map has grown
 to 4x the size it was trained at, or when ``auto`` would now choose another index type. Flat and
 SQfp16 have nothing to train: they are filled from the store at load. HNSW's graph is one
-structure: ``map add`` extends a copy of it (O(map) in index size).
+structure: ``map add`` extends a copy of it (O(map) in index size). The whitening is part of the
+training: an added segment is projected with it (an appearance the training never saw lies mostly
+outside its 256 components, as a query's does).
 """
 from __future__ import annotations
 
@@ -47,18 +63,20 @@ HNSW_COARSE_LISTS = 16_384  # an HNSW graph over the IVF centroids from this man
 HNSW_M = 32
 PCA_DIM = 256
 PCA_SAMPLE = 30_000
+WHITEN_FLOOR = 1e-4  # smallest component variance whitened, relative to the largest (pca_transform)
 IVF_SAMPLE_PER_LIST = 40
 IVF_SAMPLE_MAX = 200_000
 RETRAIN_GROWTH = 4
 SEED = 0
+NPROBE = 16  # lists probed per query by default (BENCHMARKS.md §5); PlaceMap.tune sets it per reader
 
 
 def ivf_params(n: int, d: int) -> dict:
     pca = min(d, PCA_DIM)
     nlist = int(2 ** round(math.log2(max(8.0, 4 * math.sqrt(n)))))
     nlist = max(8, min(nlist, n // IVF_SAMPLE_PER_LIST, 65536))
-    return {"pca_dim": pca, "nlist": nlist, "pq_m": max(1, pca // 4), "nbits": 8,
-            "coarse": "hnsw" if nlist >= HNSW_COARSE_LISTS else "flat", "nprobe": min(nlist, 32),
+    return {"pca_dim": pca, "whiten": True, "nlist": nlist, "pq_m": max(1, pca // 4), "nbits": 8,
+            "coarse": "hnsw" if nlist >= HNSW_COARSE_LISTS else "flat", "nprobe": min(nlist, NPROBE),
             "shortlist": 100}
 
 
@@ -104,15 +122,25 @@ def _orthonormal(y: np.ndarray) -> np.ndarray:
     return (y @ (v[:, keep] / np.sqrt(w[keep])).astype(np.float32)).astype(np.float32)
 
 
-def pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
+def pca_transform(x: np.ndarray, k: int, whiten: bool = False) -> faiss.LinearTransform:
     """PCA to ``k`` dimensions by a randomized SVD (Halko et al. 2011: range finder with two power
-    iterations), in matrix products and small eigen-decompositions."""
+    iterations), in matrix products and small eigen-decompositions. ``whiten``: each component
+    scaled to unit variance (PCA-whitening, module doc), its variance floored at ``WHITEN_FLOOR``
+    of the largest so that directions the sample barely spans are not blown up."""
     n, d = x.shape
-    if k >= d:
-        a, b = np.eye(d, dtype=np.float32), np.zeros(d, dtype=np.float32)
+    if k >= d and not whiten:
+        lt = faiss.LinearTransform(d, d, True)
+        faiss.copy_array_to_vector(np.eye(d, dtype=np.float32).ravel(), lt.A)
+        faiss.copy_array_to_vector(np.zeros(d, dtype=np.float32), lt.b)
+        lt.is_trained = True
+        return lt
+    mean = x.mean(axis=0)
+    xc = x - mean
+    if k >= d:  # every component: the eigen-decomposition of the small covariance
+        w, u = np.linalg.eigh((xc.T @ xc).astype(np.float64))
+        top = np.argsort(w)[::-1][:d]
+        w, a = w[top], np.ascontiguousarray(u[:, top].T, dtype=np.float32)
     else:
-        mean = x.mean(axis=0)
-        xc = x - mean
         rng = np.random.default_rng(SEED)
         y = xc @ rng.standard_normal((d, min(d, k + 16))).astype(np.float32)
         for _ in range(2):
@@ -122,9 +150,12 @@ def pca_transform(x: np.ndarray, k: int) -> faiss.LinearTransform:
         bmat = q.T @ xc  # (l, d): its right singular vectors are the principal axes
         w, u = np.linalg.eigh((bmat @ bmat.T).astype(np.float64))
         top = np.argsort(w)[::-1][:k]
-        vt = (u[:, top] / np.sqrt(np.maximum(w[top], 1e-30))).T.astype(np.float32) @ bmat
-        a = np.ascontiguousarray(vt, dtype=np.float32)
-        b = (-a @ mean).astype(np.float32)
+        w = w[top]  # squared singular values of xc: n x the variance along each axis
+        a = np.ascontiguousarray((u[:, top] / np.sqrt(np.maximum(w, 1e-30))).T.astype(np.float32) @ bmat)
+    if whiten:
+        var = np.maximum(w, 0) / max(n, 1)
+        a *= (1 / np.sqrt(np.maximum(var, max(var.max(), 1e-30) * WHITEN_FLOOR))).astype(np.float32)[:, None]
+    b = (-a @ mean).astype(np.float32)
     lt = faiss.LinearTransform(d, a.shape[0], True)
     faiss.copy_array_to_vector(a.ravel(), lt.A)
     faiss.copy_array_to_vector(b, lt.b)
@@ -140,15 +171,27 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     """An empty, trained PCA + IVF-PQ index from a seeded sample of ``rows``."""
     d = rows.shape[1]
     p = ivf_params(n, d)
-    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"])
-    ids = sample_ids(n, min(IVF_SAMPLE_MAX, max(PCA_SAMPLE, IVF_SAMPLE_PER_LIST * p["nlist"])), SEED + 1)
+    pca = pca_transform(np.asarray(rows[sample_ids(n, PCA_SAMPLE)], dtype=np.float32), p["pca_dim"],
+                        p.get("whiten", False))
+    ids = ivf_sample(n, p["nlist"])
     xt = np.concatenate([pca.apply(np.asarray(rows[ids[i:i + 8192]], dtype=np.float32))
                          for i in range(0, len(ids), 8192)])
-    dp = p["pca_dim"]
+    return faiss.IndexPreTransform(pca, train_ivf(xt, p)), p
+
+
+def ivf_sample(n: int, nlist: int) -> np.ndarray:
+    """The rows (of ``n``) the IVF's k-means and the PQ codebooks are trained on."""
+    return sample_ids(n, min(IVF_SAMPLE_MAX, max(PCA_SAMPLE, IVF_SAMPLE_PER_LIST * nlist)), SEED + 1)
+
+
+def train_ivf(xt: np.ndarray, p: dict) -> faiss.IndexIVFPQ:
+    """An empty IVF-PQ index trained on reduced rows ``xt`` (k-means lists, PQ on the residuals)."""
+    dp = xt.shape[1]
     quantizer = faiss.IndexHNSWFlat(dp, HNSW_M) if p["coarse"] == "hnsw" else faiss.IndexFlatL2(dp)
     ivf = faiss.IndexIVFPQ(quantizer, dp, p["nlist"], p["pq_m"], p["nbits"])
+    clustering = faiss.IndexFlatL2(dp)  # exact k-means; a graph quantizer only serves assignment
     if p["coarse"] == "hnsw":
-        ivf.clustering_index = faiss.IndexFlatL2(dp)  # exact k-means; the graph only serves assignment
+        ivf.clustering_index = clustering  # a pointer faiss does not own: ``clustering`` keeps it alive
         quantizer.hnsw.efConstruction = 40
         quantizer.hnsw.efSearch = 512  # assigning the map's rows to their lists (module doc)
     ivf.use_precomputed_table = -1  # no precomputed distance tables (see read_trained)
@@ -157,7 +200,8 @@ def train_ivfpq(rows, n: int) -> Tuple[faiss.Index, dict]:
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1  # sample sizes are ours (quiet)
     ivf.cp.max_points_per_centroid = 1 << 20  # the IVF sample is already bounded; PQ keeps faiss' 256 per code
     ivf.train(xt)
-    return faiss.IndexPreTransform(pca, ivf), p
+    ivf.clustering_index = None
+    return ivf
 
 
 def read_trained(path) -> faiss.Index:

@@ -63,8 +63,8 @@ class PlaceMap:
 
     def tune(self, nprobe: Optional[int] = None, shortlist: Optional[int] = None) -> None:
         """Search depth of a PCA + IVF-PQ map, for this reader only: inverted lists probed per
-        query (default 32) and rows re-ranked exactly (default 100). Deeper costs CPU time and
-        buys recall (BENCHMARKS.md §5: R@1 0.82 at nprobe 32, 1.00 at 512 at 1M places)."""
+        query (the map's default: 16, or 32 for maps trained before whitening) and rows re-ranked
+        exactly (default 100). Deeper costs CPU time and buys recall (BENCHMARKS.md §5)."""
         if self.kind != "ivfpq":
             raise MapError(f"{self.folder}: a {self.kind} map has no nprobe or shortlist to tune")
         for name, value in (("nprobe", nprobe), ("shortlist", shortlist)):
