@@ -129,11 +129,7 @@ def pca_transform(x: np.ndarray, k: int, whiten: bool = False) -> faiss.LinearTr
     of the largest so that directions the sample barely spans are not blown up."""
     n, d = x.shape
     if k >= d and not whiten:
-        lt = faiss.LinearTransform(d, d, True)
-        faiss.copy_array_to_vector(np.eye(d, dtype=np.float32).ravel(), lt.A)
-        faiss.copy_array_to_vector(np.zeros(d, dtype=np.float32), lt.b)
-        lt.is_trained = True
-        return lt
+        return _linear_transform(np.eye(d, dtype=np.float32), np.zeros(d, dtype=np.float32))
     mean = x.mean(axis=0)
     xc = x - mean
     if k >= d:  # every component: the eigen-decomposition of the small covariance
@@ -155,9 +151,13 @@ def pca_transform(x: np.ndarray, k: int, whiten: bool = False) -> faiss.LinearTr
     if whiten:
         var = np.maximum(w, 0) / max(n, 1)
         a *= (1 / np.sqrt(np.maximum(var, max(var.max(), 1e-30) * WHITEN_FLOOR))).astype(np.float32)[:, None]
-    b = (-a @ mean).astype(np.float32)
-    lt = faiss.LinearTransform(d, a.shape[0], True)
-    faiss.copy_array_to_vector(a.ravel(), lt.A)
+    return _linear_transform(a, (-a @ mean).astype(np.float32))
+
+
+def _linear_transform(a: np.ndarray, b: np.ndarray) -> faiss.LinearTransform:
+    """faiss's y = A x + b, trained, from ``a`` (out x in) and ``b``."""
+    lt = faiss.LinearTransform(a.shape[1], a.shape[0], True)
+    faiss.copy_array_to_vector(np.ascontiguousarray(a, dtype=np.float32).ravel(), lt.A)
     faiss.copy_array_to_vector(b, lt.b)
     lt.is_trained = True
     return lt
